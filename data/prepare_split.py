@@ -1,0 +1,154 @@
+"""Prepare a dataset split as in the paper README: HR images and bicubic LR images per split.
+
+    python data/prepare_split.py --split_file AID_split.pkl --data_path dataset/RawAID \\
+        --output_path dataset/AID
+    python -m data.prepare_split --make-split my_split.pkl --data_path dataset/MyRaw \\
+        --ratios 0.8,0.1,0.1 --seed 0
+
+Writes `<output_path>/<split>/HR/<name>.png` and `<output_path>/<split>/LR/X<s>/<name>.png` for
+each split of the pickle and each `--scales` value. HR images are saved as PNG (RGB, converted as
+`utils.image_io.load_image` does) so that no JPEG re-encoding loss is added; LR images are the
+Pillow bicubic resize to `(int(H/s), int(W/s))` (ARCHITECTURE.md section 1). Names are flattened:
+`Park/park_1.jpg` -> `park_1.png`, or `Park_park_1.png` when two source files share a base name.
+`--make-split` writes a seeded split pickle for a dataset that has none (custom datasets, DOTA or
+DIOR crops): the sorted file list is shuffled with `--seed` and cut by `--ratios`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import sys
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+if __package__ in (None, ""):  # run as `python data/prepare_split.py`: import from the repo root,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # not from data/ (would shadow names)
+
+from tqdm import tqdm  # noqa: E402
+
+from data.datasets import load_split_pickle, seeded_split  # noqa: E402
+from data.transforms import lr_size, resize_bicubic  # noqa: E402
+from utils.image_io import ImageReadError, list_images, load_image  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def flat_names(files: list[str]) -> dict[str, str]:
+    """Output PNG name of each relative path: the base name, or the whole path joined by "_"
+    when base names collide (compared case-insensitively, for case-insensitive file systems)."""
+    stems = Counter(PurePosixPath(f).stem.casefold() for f in files)
+    names = {}
+    for f in files:
+        path = PurePosixPath(f)
+        unique = stems[path.stem.casefold()] == 1
+        names[f] = (path.stem if unique else "_".join(path.with_suffix("").parts)) + ".png"
+    clashes = Counter(n.casefold() for n in names.values())
+    if any(count > 1 for count in clashes.values()):
+        bad = sorted(n for n, count in clashes.items() if count > 1)[:5]
+        raise ValueError(f"cannot give unique file names to the split's images, e.g. {bad}")
+    return names
+
+
+def check_output(output_path: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless `overwrite`, so no data is replaced silently."""
+    if output_path.is_dir() and any(output_path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output folder {output_path} is not empty; pass --overwrite to write into it "
+            f"(existing files of the same name are replaced, others are kept)"
+        )
+
+
+def make_split(data_path: Path, out_file: Path, ratios: str, seed: int, overwrite: bool) -> None:
+    """Write a seeded `{"train", "val", "test"}` split pickle of the images under `data_path`."""
+    if out_file.exists() and not overwrite:
+        raise FileExistsError(f"{out_file} exists; pass --overwrite to replace it")
+    files = list_images(data_path)
+    if not files:
+        raise FileNotFoundError(f"no png/jpg/tif images under {data_path}")
+    fractions = tuple(float(r) for r in ratios.split(","))
+    if len(fractions) != 3:
+        raise ValueError(f"--ratios needs three numbers train,val,test, got {ratios!r}")
+    splits = seeded_split(files, fractions, seed)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with out_file.open("wb") as f:
+        pickle.dump(splits, f)
+    log.info("wrote %s: %s", out_file, {k: len(v) for k, v in splits.items()})
+
+
+def prepare(
+    split_file: Path, data_path: Path, output_path: Path, scales: list[float], overwrite: bool
+) -> dict[str, int]:
+    """Write the HR and LR PNGs of every split; returns the number of images per split."""
+    check_output(output_path, overwrite)
+    if min(scales) < 1:
+        raise ValueError(f"--scales must be >= 1, got {scales}")
+    splits = load_split_pickle(split_file)
+    files = sorted({f for paths in splits.values() for f in paths})
+    missing = [f for f in files if not (data_path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(files)} files named by {split_file} are missing under "
+            f"{data_path}, e.g. {missing[:5]}; check --data_path"
+        )
+    names = flat_names(files)
+    for split, paths in splits.items():
+        hr_dir = output_path / split / "HR"
+        hr_dir.mkdir(parents=True, exist_ok=True)
+        for f in tqdm(paths, desc=split, unit="img"):
+            hr = load_image(data_path / f)
+            hr.save(hr_dir / names[f])
+            for scale in scales:
+                lr_dir = output_path / split / "LR" / f"X{scale:g}"
+                lr_dir.mkdir(parents=True, exist_ok=True)
+                lr = resize_bicubic(hr, lr_size((hr.height, hr.width), scale))
+                lr.save(lr_dir / names[f])
+    return {split: len(paths) for split, paths in splits.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--split_file", "--split-file", type=Path, help="split pickle to apply")
+    parser.add_argument(
+        "--data_path", "--data-path", type=Path, required=True, help="raw dataset root"
+    )
+    parser.add_argument(
+        "--output_path", "--output-path", type=Path, help="folder to write {split}/{HR,LR} to"
+    )
+    parser.add_argument("--scales", type=float, nargs="+", default=[4.0], help="LR scales")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --make-split file and write into a non-empty --output_path",
+    )
+    parser.add_argument("--make-split", type=Path, help="write a seeded split pickle here first")
+    parser.add_argument("--ratios", default="0.8,0.1,0.1", help="train,val,test fractions")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --make-split")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.data_path.is_dir():
+        parser.error(f"--data_path {args.data_path} is not a folder")
+    if args.make_split is None and (args.split_file is None or args.output_path is None):
+        parser.error("pass --split_file and --output_path (or --make-split to create a split)")
+    try:
+        if args.output_path is not None:
+            check_output(args.output_path, args.overwrite)
+        if args.make_split is not None:
+            make_split(args.data_path, args.make_split, args.ratios, args.seed, args.overwrite)
+            if args.output_path is None:
+                return 0
+            args.split_file = args.make_split
+        counts = prepare(
+            args.split_file, args.data_path, args.output_path, args.scales, args.overwrite
+        )
+    except (FileExistsError, FileNotFoundError, ValueError, ImageReadError) as err:
+        parser.error(str(err))
+    log.info("wrote %s under %s", counts, args.output_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

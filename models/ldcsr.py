@@ -1,0 +1,229 @@
+"""Stage 2 of LDCSR: 4-step conditional latent diffusion on a frozen GAP autoencoder (§3).
+
+Training starts every sample at t = T-1 and unrolls the whole reverse chain with gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ldm.diffusion import GaussianDiffusion
+from ldm.ema import LitEma
+from utils.checkpoint import load_weights
+from utils.config import ConfigError, instantiate_from_config
+from utils.metrics import psnr, ssim
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` (the authors' key prefix `model.diffusion_model.*`)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class LDCSR(pl.LightningModule):
+    """Frozen stage 1 + trainable condition encoder + UNet denoiser + DDPM chain + EMA.
+
+    Public inference: `super_resolve(lr, out_size)`; `super_resolve_condition` decodes the
+    condition alone (the authors' `sr_kd`).
+
+    Args:
+        first_stage_config: `{target, params}` of the stage-1 AutoencoderKL; its `ckpt_path` is
+            required to *train* (checked at fit start), not to build or to load a stage-2
+            checkpoint, which carries the stage-1 weights.
+        cond_stage_config: `{target, params}` of the condition encoder (GAP encoder, in 3).
+        unet_config: `{target, params}` of the UNet.
+        timesteps, linear_start, linear_end: the schedule (T = 4, 0.1 -> 0.99, linear in sqrt).
+        scale_by_std: set `scale_factor = 1 / std(z)` on the first batch of a fresh run.
+        scale_factor: initial latent scale (overwritten by `scale_by_std` or a checkpoint).
+        l_kd_weight: weight of `mse(cond, x0)`, which pulls the condition towards the latent.
+        ema_decay: EMA decay of the UNet weights (sampling uses the EMA weights).
+        ckpt_path: optional stage-2 checkpoint to initialise from (fine-tuning).
+    """
+
+    def __init__(
+        self,
+        first_stage_config: Mapping,
+        cond_stage_config: Mapping,
+        unet_config: Mapping,
+        timesteps: int = 4,
+        linear_start: float = 0.1,
+        linear_end: float = 0.99,
+        scale_by_std: bool = True,
+        scale_factor: float = 1.0,
+        l_kd_weight: float = 1.0,
+        ema_decay: float = 0.9999,
+        ckpt_path: str | None = None,
+    ):
+        super().__init__()
+        first_stage_config = _plain(first_stage_config)
+        self.save_hyperparameters()
+        fs_params = dict(first_stage_config.get("params") or {})
+        fs_ckpt = fs_params.pop("ckpt_path", None)
+        self.first_stage_ckpt = None if fs_ckpt in (None, "", "???") else fs_ckpt
+        # Names `first_stage_model`, `cond_stage_model`, `model.diffusion_model`, `model_ema`,
+        # `scale_factor` and the schedule buffers are the authors' checkpoint keys.
+        self.first_stage_model = instantiate_from_config(
+            {"target": first_stage_config["target"], "params": fs_params}
+        )
+        if self.first_stage_ckpt:
+            load_weights(self.first_stage_model, self.first_stage_ckpt, ignore_prefixes=("loss.",))
+        self.first_stage_model.eval().requires_grad_(False)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.model = DiffusionWrapper(instantiate_from_config(unet_config))
+        self.model_ema = LitEma(self.model, decay=ema_decay)
+        self.diffusion = GaussianDiffusion(timesteps, linear_start, linear_end)
+        for name, buf in self.diffusion.named_buffers():  # persistent copies: authors' keys
+            self.register_buffer(name, buf.clone())
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self.scale_by_std = scale_by_std
+        self.l_kd_weight = l_kd_weight
+        self.learning_rate = 1.0e-5 * 8  # the paper's rate at batch 8; train.py sets the real one
+        if ckpt_path:
+            load_weights(self, ckpt_path)
+
+    # ----------------------------------------------------------------------------- inference API
+    def encode_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        """lr in [-1, 1] -> condition c = CondEncoder(bicubic_up(lr, out_size)), latent-sized."""
+        lr_up = F.interpolate(lr, size=tuple(out_size), mode="bicubic", align_corners=False)
+        return self.cond_stage_model(lr_up)
+
+    def denoiser(self, lr_height: int, out_size: Sequence[int], batch: int):
+        """Returns `eps(x_t, cond, t)` for the UNet, with the scale/output-size embeddings bound."""
+        scale = torch.full((batch,), out_size[0] / lr_height, device=self.device)
+        out_height = torch.full((batch,), int(out_size[0]), device=self.device)
+
+        def denoise(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model.diffusion_model(torch.cat([x_t, cond], dim=1), t, scale, out_height)
+
+        return denoise
+
+    def sample_latent(self, lr, out_size, generator=None, x_T=None, noises=None, cond=None):
+        """Runs the T-step chain for `lr` in [-1, 1] -> z0 (scaled latent space)."""
+        cond = self.encode_condition(lr, out_size) if cond is None else cond
+        denoise = self.denoiser(lr.shape[-2], out_size, lr.shape[0])
+        return self.diffusion.sample(
+            denoise, x_T=x_T, cond=cond, noises=noises, generator=generator, shape=cond.shape
+        )
+
+    def decode_latent(self, z0: torch.Tensor, lr: torch.Tensor, out_size) -> torch.Tensor:
+        """Scaled latent -> image in [-1, 1] (clamped), via the frozen stage-1 decoder."""
+        return self.first_stage_model.decode(z0 / self.scale_factor, lr, out_size).clamp(-1, 1)
+
+    @torch.no_grad()
+    def super_resolve(
+        self,
+        lr: torch.Tensor,
+        out_size: Sequence[int],
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """LR batch [B, 3, h, w] in [0, 1] -> SR batch [B, 3, *out_size] in [0, 1].
+
+        `generator` (a CPU `torch.Generator`) makes the result identical on CPU and GPU.
+        """
+        out_size = (int(out_size[0]), int(out_size[1]))
+        lr = lr * 2 - 1
+        with self.ema_scope(use_ema):
+            z0 = self.sample_latent(lr, out_size, generator=generator)
+        return (self.decode_latent(z0, lr, out_size) + 1) / 2
+
+    @torch.no_grad()
+    def super_resolve_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        """The authors' `sr_kd`: decode of the condition alone, [0, 1]."""
+        out_size = (int(out_size[0]), int(out_size[1]))
+        lr = lr * 2 - 1
+        return (self.decode_latent(self.encode_condition(lr, out_size), lr, out_size) + 1) / 2
+
+    @contextmanager
+    def ema_scope(self, enabled: bool = True):
+        """Temporarily swaps the EMA weights into the UNet."""
+        if not enabled:
+            yield
+            return
+        self.model_ema.store(self.model.parameters())
+        self.model_ema.copy_to(self.model)
+        try:
+            yield
+        finally:
+            self.model_ema.restore(self.model.parameters())
+
+    # ------------------------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        if self.first_stage_ckpt is None and self.trainer.ckpt_path is None:
+            raise ConfigError(
+                "stage 2 needs the stage-1 weights: set "
+                "model.params.first_stage_config.params.ckpt_path=<stage-1 checkpoint>"
+            )
+
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        fresh = self.global_step == 0 and self.trainer.ckpt_path is None
+        if self.scale_by_std and fresh and batch_idx == 0:
+            hr, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
+            # The authors' code encodes (HR, HR) here; the method (and training) use (HR, LR).
+            with torch.no_grad():
+                z = self.first_stage_model.encode(hr, lr).sample()
+            std = z.flatten().std()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(std, src=0)  # one scale_factor on every rank
+            self.scale_factor.copy_(1.0 / std)
+            self.log("train/scale_factor", self.scale_factor, rank_zero_only=True)
+
+    def training_losses(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Unrolled-chain loss: mse(chain(x_T), x0) + l_kd_weight * mse(cond, x0)."""
+        hr, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
+        out_size = hr.shape[-2:]
+        with torch.no_grad():
+            x0 = self.scale_factor * self.first_stage_model.encode(hr, lr).sample()
+        cond = self.encode_condition(lr, out_size)
+        t_start = self.diffusion.num_timesteps - 1
+        x_T = self.diffusion.q_sample(x0, t_start, torch.randn_like(x0))
+        x0_pred = self.sample_latent(lr, out_size, x_T=x_T, cond=cond)
+        # Per-sample mean over C, H, W, divided by exp(logvar_t) = 1 plus logvar_t = 0 (fixed).
+        loss_simple = (x0_pred - x0).pow(2).mean(dim=(1, 2, 3)).mean()
+        loss_kd = F.mse_loss(cond, x0)
+        loss = loss_simple + self.l_kd_weight * loss_kd
+        return {"loss": loss, "loss_simple": loss_simple, "loss_kd": loss_kd}
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        losses = self.training_losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
+        self.log("train/scale", float(batch["scale"][0]))
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.model_ema(self.model)
+
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        hr = batch["hr"]
+        sr = self.super_resolve(batch["lr"], hr.shape[-2:])
+        border = math.ceil(float(batch["scale"][0]))
+        n = hr.shape[0]
+        self.log("val/psnr", float(psnr(sr, hr, border)), sync_dist=True, batch_size=n)
+        self.log("val/ssim", float(ssim(sr, hr, border)), sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self):
+        params = [*self.model.parameters(), *self.cond_stage_model.parameters()]
+        return torch.optim.AdamW(params, lr=self.learning_rate)
+
+    def train(self, mode: bool = True):
+        """Keeps the frozen first stage in eval mode whatever Lightning asks."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        return self
+
+
+def _plain(config) -> dict:
+    """DictConfig (with `???` left as is) -> plain dict."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
+    return dict(config)

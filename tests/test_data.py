@@ -1,0 +1,397 @@
+"""Data pipeline: image reading, transforms, datasets, the one-scale-per-batch sampler,
+the DataModule and prepare_split."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from data.datamodule import DataModule
+from data.datasets import (
+    FixedScaleDataset,
+    ImageFolder,
+    MultiScaleTrainDataset,
+    load_split_pickle,
+    seeded_split,
+)
+from data.prepare_split import main as prepare_main
+from data.sampler import ScaleBatchSampler
+from data.transforms import augment, lr_size, resize_bicubic
+from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def write_rgb(path: Path, h: int, w: int, seed: int = 0) -> Path:
+    """A random RGB PNG (or JPEG, by suffix) of size h x w."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def write_png16_rgb(path: Path, arr: np.ndarray) -> None:
+    """Minimal 16-bit RGB PNG writer (Pillow cannot write one)."""
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(tag + data))
+        return struct.pack(">I", len(data)) + tag + data + crc
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+# ---------------------------------------------------------------- image io
+
+
+def test_load_image_converts_every_mode(tmp_path):
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(grey, mode="L").save(tmp_path / "l.png")
+    Image.fromarray(grey, mode="L").convert("LA").save(tmp_path / "la.png")
+    rgba = np.dstack([grey, grey // 2, grey // 3, np.zeros_like(grey)])
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(grey, mode="L").convert("P").save(tmp_path / "p.png")
+    Image.new("CMYK", (4, 3), (0, 255, 0, 0)).save(tmp_path / "cmyk.tif")
+    g16 = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    Image.fromarray(g16).save(tmp_path / "g16.tif")
+    write_png16_rgb(tmp_path / "rgb16.png", np.dstack([g16, g16, g16]))
+    Image.fromarray(np.full((3, 4), 0.5, np.float32)).save(tmp_path / "f.tif")
+
+    for name in ("l.png", "la.png", "p.png"):
+        out = np.asarray(load_image(tmp_path / name))
+        assert out.shape == (3, 4, 3) and out.dtype == np.uint8, name
+        np.testing.assert_array_equal(out[..., 1], grey, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "rgba.png")), rgba[..., :3])
+    assert tuple(np.asarray(load_image(tmp_path / "cmyk.tif"))[0, 0]) == (255, 0, 255)
+    for name in ("g16.png", "g16.tif", "rgb16.png"):  # 16-bit grey and colour agree: v >> 8
+        np.testing.assert_array_equal(np.asarray(load_image(tmp_path / name))[..., 2], g16 >> 8)
+    assert np.asarray(load_image(tmp_path / "f.tif")).max() == 128
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_unreadable_image_names_the_file(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        write_rgb(path, 64, 64)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ImageReadError, match="bad.jpg.*remove it"):
+        load_image(path)
+    if content != "truncated":  # the header check needs no decode, so cannot see truncation
+        with pytest.raises(ImageReadError, match="bad.jpg"):
+            verify_image(path)
+    with pytest.raises(ImageReadError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_list_images_and_to_tensor(tmp_path):
+    for rel in ("b/x.PNG", "a.jpg", "c.TIFF", "b/y.jpeg", ".hidden.png", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert list_images(tmp_path) == ["a.jpg", "b/x.PNG", "b/y.jpeg", "c.TIFF"]
+    assert list_images(tmp_path, recursive=False) == ["a.jpg", "c.TIFF"]
+    x = to_tensor01(load_image(write_rgb(tmp_path / "img.png", 5, 7)))
+    assert x.shape == (3, 5, 7) and x.dtype == torch.float32 and 0 <= x.min() <= x.max() <= 1
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_resize_and_lr_size_keep_height_and_width():
+    img = Image.new("RGB", (50, 30))  # Pillow size is (w, h)
+    assert resize_bicubic(img, (10, 20)).size == (20, 10)
+    assert lr_size((601, 450), 3.5) == (171, 128)  # truncation
+    with pytest.raises(ValueError, match="image 5x40 too small for scale 8"):
+        lr_size((5, 40), 8)
+
+
+def test_augment_draws_the_eight_symmetries():
+    arr = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)
+    img = Image.fromarray(arr)
+    seen = {np.asarray(augment(img, torch.Generator().manual_seed(s))).tobytes() for s in range(64)}
+    assert len(seen) == 8
+    a = augment(img, torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(a), np.asarray(augment(img, torch.Generator().manual_seed(3))))
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def test_fixed_scale_dataset_non_square(tmp_path):
+    path = write_rgb(tmp_path / "hr" / "wide.png", 45, 70)
+    item = FixedScaleDataset(tmp_path / "hr", scale=4)[0]
+    assert item["hr"].shape == (3, 45, 70) and item["lr"].shape == (3, 11, 17)
+    assert item["scale"].dtype == torch.float32 and item["scale"].item() == pytest.approx(45 / 11)
+    expected = Image.open(path).resize((17, 11), Image.Resampling.BICUBIC)
+    assert torch.equal(item["lr"], to_tensor01(expected)) and item["file_name"] == "wide.png"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_multiscale_crops_and_lr(tmp_path, stage):
+    write_rgb(tmp_path / "a.png", 80, 100)
+    kwargs = {"lr_size": 8} if stage == 1 else {"hr_size": 40}
+    ds = MultiScaleTrainDataset(tmp_path, max_scale=4.0, **kwargs)
+    torch.manual_seed(0)
+    item = ds[(0, 3.3)]
+    hr_side, lr_side = (26, 8) if stage == 1 else (40, 12)  # int(8*3.3), int(40/3.3)
+    assert item["hr"].shape == (3, hr_side, hr_side) and item["lr"].shape == (3, lr_side, lr_side)
+    assert item["scale"].item() == pytest.approx(hr_side / lr_side)
+    hr = Image.fromarray((item["hr"] * 255).round().byte().permute(1, 2, 0).numpy())
+    assert torch.equal(item["lr"], to_tensor01(resize_bicubic(hr, (lr_side, lr_side))))
+    with pytest.raises(TypeError, match="ScaleBatchSampler"):
+        ds[0]
+
+
+def test_loader_batches_share_one_scale_and_shapes(tmp_path):
+    for i in range(5):
+        write_rgb(tmp_path / f"{i}.png", 64, 72, seed=i)
+    ds = MultiScaleTrainDataset(tmp_path, min_scale=1.0, max_scale=4.0, lr_size=12)
+    sampler = ScaleBatchSampler(len(ds), 2, 1.0, 4.0, seed=1)
+    for batch in DataLoader(ds, batch_sampler=sampler):
+        assert batch["lr"].shape[1:] == (3, 12, 12) and batch["hr"].shape[0] == 2
+        assert torch.all(batch["scale"] == batch["scale"][0])
+        assert batch["hr"].shape[-1] == int(12 * batch["scale"][0].item() + 1e-6)
+
+
+def test_image_folder_split_files(tmp_path):
+    raw = tmp_path / "raw"
+    for rel in ("Park/park_1.jpg", "Park/park_2.jpg", "Port/port_1.jpg"):
+        write_rgb(raw / rel, 16, 16)
+    pkl = tmp_path / "split.pkl"
+    pkl.write_bytes(pickle.dumps({"train": ["Park/park_1.jpg", "Port/port_1.jpg"], "test": []}))
+    ds = ImageFolder(raw, split_file=pkl, split="train")
+    assert [ds[i][1] for i in range(len(ds))] == ["Park/park_1.jpg", "Port/port_1.jpg"]
+    txt = tmp_path / "list.txt"
+    txt.write_text("# comment\nPark/park_2.jpg\n\n")
+    assert ImageFolder(raw, split_file=txt, split="val").files == ["Park/park_2.jpg"]
+    assert len(ImageFolder(raw, repeat=3)) == 9 and ImageFolder(raw, first_k=1).files == [
+        "Park/park_1.jpg"
+    ]
+    assert ImageFolder(raw, cache="memory")[1][0].size == (16, 16)
+    with pytest.raises(ValueError, match="'val' not in split file .*split.pkl"):
+        ImageFolder(raw, split_file=pkl, split="val")
+    pkl.write_bytes(
+        pickle.dumps({"train": ["Park/park_1.jpg"] + [f"Gone/g{i}.jpg" for i in range(9)]})
+    )
+    with pytest.raises(FileNotFoundError, match=r"9 of 10 files .*Gone/g0.jpg"):
+        ImageFolder(raw, split_file=pkl, split="train")
+    pkl.write_bytes(pickle.dumps({"train": [os.system]}))  # a pickle that could run code
+    with pytest.raises(ValueError, match="not a valid split pickle"):
+        load_split_pickle(pkl)
+
+
+def test_seeded_split_is_deterministic_and_disjoint(tmp_path):
+    for i in range(20):
+        write_rgb(tmp_path / f"{i:02d}.png", 4, 4)
+    files = list_images(tmp_path)
+    splits = seeded_split(files, (0.7, 0.2, 0.1), seed=3)
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [14, 4, 2]
+    assert sorted(sum(splits.values(), [])) == files
+    assert splits == seeded_split(files[::-1], (0.7, 0.2, 0.1), seed=3)
+    assert splits != seeded_split(files, (0.7, 0.2, 0.1), seed=4)
+    ds = ImageFolder(tmp_path, split="val", val_fraction=0.2, test_fraction=0.1, split_seed=3)
+    assert ds.files == splits["val"]
+
+
+def test_bad_folders_and_images_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        ImageFolder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found in .*empty"):
+        ImageFolder(tmp_path / "empty")
+    root = tmp_path / "imgs"
+    write_rgb(root / "good.png", 40, 40)
+    write_rgb(root / "small.png", 20, 30)
+    (root / "zero.png").write_bytes(b"")
+    (root / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    ds = MultiScaleTrainDataset(root, max_scale=4.0, lr_size=8)  # needs 32 px crops
+    with pytest.raises(ImageReadError) as err:
+        ds.validate()
+    assert all(name in str(err.value) for name in ("zero.png", "corrupt.png", "small.png is 20x30"))
+    assert "good.png" not in str(err.value)
+    with pytest.raises(ImageReadError, match="zero.png is an empty"):
+        ds[(3, 2.0)]
+    with pytest.raises(ValueError, match=r"small.png is 20x30.*32x32 HR crop.*lower max_scale"):
+        ds[(2, 4.0)]
+    with pytest.raises(ValueError, match="small.png.*too small for scale 25"):
+        FixedScaleDataset(root, scale=25, first_k=3)[2]
+
+
+def test_worker_errors_keep_the_message(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    loader = DataLoader(FixedScaleDataset(tmp_path, scale=2), num_workers=1)
+    with pytest.raises(ImageReadError, match="broken.png"):
+        next(iter(loader))
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_sampler_is_deterministic_and_resumable():
+    sampler = ScaleBatchSampler(50, 4, 1.0, 8.0, seed=7)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 12 and all(len(b) == 4 for b in first)
+    assert all(len({s for _, s in b}) == 1 and 1.0 <= b[0][1] <= 8.0 for b in first)
+    assert list(ScaleBatchSampler(50, 4, 1.0, 8.0, seed=7)) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(i for b in second for i, _ in b) != list(range(48))
+    resumed = ScaleBatchSampler(50, 4, 1.0, 8.0, seed=0)
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.state_dict() == {"epoch": 1, "seed": 7} and list(resumed) == second
+    assert len(ScaleBatchSampler(50, 4, 1.0, 2.0, drop_last=False)) == 13
+
+
+def test_sampler_shards_indices_but_shares_scales_across_ranks():
+    ranks = [ScaleBatchSampler(21, 3, 1.0, 8.0, seed=5, rank=r, num_replicas=2) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(2)
+    batches = [list(s) for s in ranks]
+    assert len(batches[0]) == len(batches[1]) == 3
+    indices = [{i for b in rank for i, _ in b} for rank in batches]
+    assert not indices[0] & indices[1] and len(indices[0] | indices[1]) == 18
+    scales = [[b[0][1] for b in rank] for rank in batches]
+    assert scales[0] == scales[1] and len(set(scales[0])) == 3
+
+
+# ---------------------------------------------------------------- datamodule
+
+
+def test_datamodule_resolves_roots_and_reports_bad_files(tmp_path):
+    for i in range(4):
+        write_rgb(tmp_path / "AID" / "train" / f"{i}.png", 48, 56, seed=i)
+    write_rgb(tmp_path / "AID" / "val" / "v.png", 30, 41)
+    target = "data.datasets."
+    dm = DataModule(
+        batch_size=2,
+        train={
+            "target": target + "MultiScaleTrainDataset",
+            "params": {"root": "train", "lr_size": 8, "max_scale": 4},
+        },
+        validation={"target": target + "FixedScaleDataset", "params": {"root": "val", "scale": 3}},
+        data_root=str(tmp_path / "AID"),
+    )
+    dm.setup("fit")
+    train = dm.train_dataloader()
+    assert isinstance(train.batch_sampler, ScaleBatchSampler) and len(train) == 2
+    batch = next(iter(train))
+    assert batch["lr"].shape == (2, 3, 8, 8) and len(batch["file_name"]) == 2
+    val = next(iter(dm.val_dataloader()))
+    assert val["hr"].shape == (1, 3, 30, 41) and val["lr"].shape == (1, 3, 10, 13)
+    dm.train_sampler.set_epoch(3)
+    fresh = DataModule(batch_size=2, train=dm.configs["train"], data_root=str(tmp_path / "AID"))
+    fresh.load_state_dict(dm.state_dict())
+    assert fresh.train_dataloader().batch_sampler.epoch == 3
+    fresh.trainer = SimpleNamespace(  # Lightning under DDP, as far as the check looks
+        world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True)
+    )
+    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
+        fresh.train_dataloader()
+    (tmp_path / "AID" / "train" / "3.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="3.png is an empty"):
+        DataModule(batch_size=2, train=dm.configs["train"], data_root=str(tmp_path / "AID")).setup(
+            "fit"
+        )
+
+
+# ---------------------------------------------------------------- prepare_split
+
+
+def make_raw(root: Path) -> Path:
+    for rel in ("Park/a_1.jpg", "Park/same.jpg", "Port/same.png", "Port/b_2.tif"):
+        write_rgb(root / rel, 30, 44)
+    split = root.parent / "split.pkl"
+    train, test = ["Park/a_1.jpg", "Park/same.jpg"], ["Port/same.png", "Port/b_2.tif"]
+    split.write_bytes(pickle.dumps({"train": train, "val": [], "test": test}))
+    return split
+
+
+def test_prepare_split_writes_hr_and_lr(tmp_path, capsys):
+    split = make_raw(tmp_path / "raw")
+    out = tmp_path / "AID"
+    args = [
+        "--split_file",
+        str(split),
+        "--data_path",
+        str(tmp_path / "raw"),
+        "--output_path",
+        str(out),
+    ]
+    assert prepare_main([*args, "--scales", "4", "2.5"]) == 0
+    assert sorted(p.name for p in (out / "train" / "HR").iterdir()) == ["Park_same.png", "a_1.png"]
+    assert sorted(p.name for p in (out / "test" / "LR" / "X4").iterdir()) == [
+        "Port_same.png",
+        "b_2.png",
+    ]
+    hr = Image.open(out / "test" / "HR" / "b_2.png")
+    assert hr.size == (44, 30)
+    assert np.array_equal(np.asarray(hr), np.asarray(load_image(tmp_path / "raw" / "Port/b_2.tif")))
+    assert Image.open(out / "test" / "LR" / "X2.5" / "b_2.png").size == (17, 12)
+    assert (out / "val" / "HR").is_dir() and not any((out / "val" / "HR").iterdir())
+    with pytest.raises(SystemExit):
+        prepare_main(args)
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert prepare_main([*args, "--overwrite"]) == 0
+
+
+def test_prepare_split_make_split_and_script_entry(tmp_path):
+    make_raw(tmp_path / "raw")
+    out_pkl = tmp_path / "mine.pkl"
+    assert (
+        prepare_main(
+            [
+                "--data_path",
+                str(tmp_path / "raw"),
+                "--make-split",
+                str(out_pkl),
+                "--ratios",
+                "0.5,0.25,0.25",
+            ]
+        )
+        == 0
+    )
+    splits = load_split_pickle(out_pkl)
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [2, 1, 1]
+    cmd = [sys.executable, "data/prepare_split.py", "--split_file", str(out_pkl)]
+    cmd += ["--data_path", str(tmp_path / "raw"), "--output_path", str(tmp_path / "out")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 8
+
+
+# ---------------------------------------------------------------- real images
+
+
+def test_real_images_from_train_pool():
+    pool = SHARED / "data" / "train_pool"
+    if not pool.is_dir():
+        pytest.skip(f"{pool} is absent (shared data not available)")
+    ds = FixedScaleDataset(pool, scale=3.5, first_k=3)
+    ds.validate()
+    for i in range(len(ds)):
+        item = ds[i]
+        _, h, w = item["hr"].shape
+        assert item["lr"].shape == (3, int(h / 3.5), int(w / 3.5))
+    train = MultiScaleTrainDataset(pool, hr_size=64, first_k=3)
+    batch = next(iter(DataLoader(train, batch_sampler=ScaleBatchSampler(3, 3, 1.0, 8.0))))
+    assert batch["hr"].shape == (3, 3, 64, 64) and batch["lr"].shape[-1] == int(
+        64 / batch["scale"][0]
+    )

@@ -1,0 +1,108 @@
+"""Checkpoint format of the paper configs, and the checkpoint loaders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from models import load_first_stage_model, load_sr_model
+from tests.conftest import ROOT, shared_path
+from utils.config import ConfigError, instantiate_from_config, translate_authors_config
+
+
+def _official(name: str) -> dict[str, list[int]]:
+    rows = shared_path("reference", name).read_text().splitlines()
+    return {k: eval(v) for k, v in (row.split("\t") for row in rows)}  # noqa: S307 - "[64, 6, 3, 3]"
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _paper(name: str, *overrides: str):
+    config = OmegaConf.load(ROOT / "configs" / name)
+    config.merge_with_dotlist(list(overrides))
+    return config
+
+
+def test_paper_stage1_state_dict_is_the_authors():
+    config = _paper("first_stage_kl_v6.yaml", "model.params.lossconfig=null")
+    model = instantiate_from_config(config.model)
+    assert _shapes(model) == _official("official_keys_first_stage.tsv")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert abs(n_params / 1e6 - 12.89) < 0.01
+
+
+def test_paper_stage2_state_dict_is_the_authors():
+    config = _paper("second_stage_van_v4.yaml")
+    model = instantiate_from_config(config.model)  # ckpt_path ??? is fine to build
+    assert _shapes(model) == _official("official_keys_second_stage.tsv")
+
+
+def test_stage1_block_of_stage2_config_matches_stage1_config():
+    stage1 = _paper("first_stage_kl_v6.yaml").model.params
+    inner = _paper("second_stage_van_v4.yaml").model.params.first_stage_config.params
+    for key in ("embed_dim", "encoder_config", "decoder_config"):
+        assert inner[key] == stage1[key], key
+
+
+@pytest.fixture(scope="module")
+def authors_ckpt(tmp_path_factory, conformance):
+    """A checkpoint file in the authors' format (Lightning 1.x dict) + their YAML."""
+    folder = tmp_path_factory.mktemp("authors")
+    path = folder / "authors.ckpt"
+    torch.save({"state_dict": conformance["state_dict"], "epoch": 1}, path)
+    yaml = folder / "authors.yaml"
+    OmegaConf.save(OmegaConf.create(conformance["config"]), yaml)
+    return path, yaml, conformance
+
+
+def test_load_sr_model_from_authors_checkpoint_and_yaml(authors_ckpt):
+    path, yaml, conformance = authors_ckpt
+    model = load_sr_model(path, yaml)
+    assert not model.training and not model.first_stage_model.training
+    case = conformance["cases"][1]
+    sr = model.super_resolve(
+        case["lr_01"], case["out_size"], generator=torch.Generator().manual_seed(case["seed"])
+    )
+    assert (sr - case["sr_01"]).abs().max() <= 1e-4
+
+
+def test_load_sr_model_rejects_stage1_checkpoint(tmp_path, authors_ckpt):
+    _, yaml, conformance = authors_ckpt
+    state = {
+        k[18:]: v
+        for k, v in conformance["state_dict"].items()
+        if k.startswith("first_stage_model.")
+    }
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ConfigError, match="not a stage-2"):
+        load_sr_model(path, yaml)
+
+
+def test_load_first_stage_from_stage2_checkpoint(authors_ckpt):
+    path, yaml, conformance = authors_ckpt
+    ae = load_first_stage_model(path, yaml)
+    case = conformance["cases"][0]
+    lr, hr = case["lr_01"] * 2 - 1, case["hr_01"] * 2 - 1
+    with torch.no_grad():
+        mean = ae.encode(hr, lr).mean
+    assert (mean - case["stage1_posterior_mean"]).abs().max() <= 1e-4
+
+
+def test_missing_config_is_a_clear_error(tmp_path, authors_ckpt):
+    path, _, _ = authors_ckpt
+    with pytest.raises(ConfigError, match="no config"):
+        load_sr_model(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_sr_model(path, tmp_path / "nope.yaml")
+
+
+def test_authors_unsupported_option_is_rejected(conformance):
+    config = {**conformance["config"]}
+    config["model"] = {**config["model"], "params": {**config["model"]["params"]}}
+    config["model"]["params"]["parameterization"] = "x0"
+    with pytest.raises(ConfigError, match="parameterization"):
+        translate_authors_config(config)

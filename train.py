@@ -1,0 +1,93 @@
+"""Train either stage of LDCSR from YAML configs.
+
+    python train.py --config configs/first_stage_kl_v6.yaml
+    python train.py --config configs/second_stage_van_v4.yaml \
+        model.params.first_stage_config.params.ckpt_path=logs/first_stage_kl_v6/<run>/checkpoints/last.ckpt
+    python train.py --resume logs/first_stage_kl_v6/<run>            # continue an interrupted run
+
+Runs are written to logs/<config-stem>/<timestamp>[_name]/ with configs/ (the resolved config),
+checkpoints/ (best by the config's monitor, plus last.ckpt), tensorboard/, csv/ and images/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from utils.config import ConfigError, instantiate_from_config, load_config
+from utils.training import (
+    build_callbacks,
+    build_loggers,
+    make_run_dir,
+    resolve_resume,
+    save_config,
+    set_learning_rate,
+)
+
+log = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", "-c", nargs="+", default=[], help="YAML files, merged in order")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    parser.add_argument("--name", default="", help="suffix of the run folder name")
+    parser.add_argument("--resume", default=None, help="run folder or checkpoint to resume from")
+    parser.add_argument("--seed", type=int, default=23, help="seed for weights, data and scales")
+    parser.add_argument("--logdir", default="logs", help="parent folder of the run folders")
+    parser.add_argument("--accelerator", default=None, help="cpu, gpu, auto (overrides config)")
+    parser.add_argument("--devices", default=None, help="device count or list (overrides config)")
+    parser.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed, ...")
+    args = parser.parse_args(argv)
+    # `--config a.yaml key=value` puts the overrides into --config's list: move them.
+    args.overrides = [c for c in args.config if "=" in c] + args.overrides
+    args.config = [c for c in args.config if "=" not in c]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import pytorch_lightning as pl
+
+    ckpt_path, run_dir = None, None
+    configs = list(args.config)
+    if args.resume:
+        run_dir, ckpt_path, saved_configs = resolve_resume(args.resume)
+        configs = configs or saved_configs
+    if not configs:
+        raise ConfigError("give --config FILE [FILE ...] or --resume RUN_DIR")
+    config = load_config(configs, args.overrides)
+    trainer_cfg = config.setdefault("lightning", {}).setdefault("trainer", {})
+    for key in ("accelerator", "devices", "precision"):
+        if getattr(args, key) is not None:
+            trainer_cfg[key] = getattr(args, key)
+    # The one-scale-per-batch sampler shards indices across ranks itself.
+    trainer_cfg.setdefault("use_distributed_sampler", False)
+
+    pl.seed_everything(args.seed, workers=True)
+    model = instantiate_from_config(config.model)
+    data = instantiate_from_config(config.data)
+    run_dir = run_dir or make_run_dir(args.logdir, Path(configs[0]).stem, args.name)
+    trainer = pl.Trainer(
+        **trainer_cfg,
+        default_root_dir=str(run_dir),
+        logger=build_loggers(run_dir),
+        callbacks=build_callbacks(config, run_dir),
+    )
+    set_learning_rate(model, config, trainer)
+    if trainer.is_global_zero:
+        save_config(config, run_dir, Path(configs[0]).stem)
+        log.info("run folder: %s", run_dir)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

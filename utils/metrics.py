@@ -1,0 +1,179 @@
+"""Evaluation metrics of the paper (ARCHITECTURE.md section 4): PSNR, SSIM, LPIPS and FID.
+
+Protocol: SR and HR are float images in [0, 1], quantised to uint8 values
+(``round(clamp(x, 0, 1) * 255)``); PSNR/SSIM crop ``ceil(scale)`` pixels from every border and
+use RGB (or BT.601 Y with ``test_y=True``), computed in float64 like BasicSR's ``calculate_psnr``
+and ``calculate_ssim``. LPIPS and Inception networks are injected (see ``utils/weights.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_fid.fid_score import (
+    IMAGE_EXTENSIONS,
+    calculate_frechet_distance,
+    compute_statistics_of_path,
+)
+from scipy import ndimage
+from torch import nn
+
+from utils.weights import build_inception
+
+
+def crop_border_for(scale: float) -> int:
+    """Border crop of the paper protocol: ``ceil(scale)`` pixels."""
+    return math.ceil(scale)
+
+
+def quantize(x01: torch.Tensor) -> torch.Tensor:
+    """``round(clamp(x, 0, 1) * 255)`` as uint8 (round half to even), any shape."""
+    return torch.round(x01.detach().clamp(0, 1) * 255).to(torch.uint8)
+
+
+def _prepare(sr: torch.Tensor, hr: torch.Tensor, crop_border: int, test_y: bool) -> torch.Tensor:
+    """Quantise, crop and optionally convert to Y: -> float64 [2, B, C, H', W'] in [0, 255]."""
+    if sr.shape != hr.shape or sr.dim() not in (3, 4) or sr.shape[-3] != 3:
+        raise ValueError(
+            f"sr and hr must both be [3, H, W] or [B, 3, H, W]; got {tuple(sr.shape)} and "
+            f"{tuple(hr.shape)}"
+        )
+    if crop_border < 0 or 2 * crop_border >= min(sr.shape[-2:]):
+        raise ValueError(f"crop_border={crop_border} is invalid for images of {tuple(sr.shape)}")
+    x = torch.stack([quantize(sr), quantize(hr.to(sr.device))]).double()
+    x = x if x.dim() == 5 else x.unsqueeze(1)  # [2, B, 3, H, W]
+    if crop_border > 0:
+        x = x[..., crop_border:-crop_border, crop_border:-crop_border]
+    if test_y:  # BT.601 luma in [16, 235] (BasicSR's rgb2ycbcr(y_only=True), not rounded)
+        coef = x.new_tensor([65.481, 128.553, 24.966]).view(3, 1, 1) / 255.0
+        x = (x * coef).sum(dim=-3, keepdim=True) + 16.0  # [2, B, 1, H', W']
+    return x
+
+
+def psnr(
+    sr: torch.Tensor, hr: torch.Tensor, crop_border: int, test_y: bool = False
+) -> torch.Tensor:
+    """PSNR in dB on uint8-quantised images: ``10 log10(255^2 / mean((sr - hr)^2))``.
+
+    Args:
+        sr, hr: float [3, H, W] or [B, 3, H, W] in [0, 1] (quantised here).
+        crop_border: pixels cropped from each border (``crop_border_for(scale)``).
+        test_y: compare BT.601 Y instead of all RGB values.
+
+    Returns:
+        float64 tensor, [] or [B] (per image); inf for identical images.
+    """
+    x = _prepare(sr, hr, crop_border, test_y)
+    mse = ((x[0] - x[1]) ** 2).mean(dim=(1, 2, 3))  # [B]
+    out = 10.0 * torch.log10(255.0**2 / mse)
+    return out if sr.dim() == 4 else out[0]
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """1-D MATLAB/cv2 Gaussian window (float64, sums to 1); the 2-D window is its outer product."""
+    g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(
+    sr: torch.Tensor, hr: torch.Tensor, crop_border: int, test_y: bool = False
+) -> torch.Tensor:
+    """MATLAB-style SSIM (Wang et al. 2004) on uint8-quantised images, averaged over channels.
+
+    Gaussian window 11x11, sigma 1.5, 'valid' filtering (no padding), ``C1 = (0.01*255)^2``,
+    ``C2 = (0.03*255)^2``, float64; per channel the mean of the SSIM map, then the mean over
+    the channels (RGB) — BasicSR's ``calculate_ssim`` (its 2-D filter is applied here as two
+    separable 1-D passes on the CPU, equal up to ~1e-13 rounding).
+
+    Args:
+        sr, hr: float [3, H, W] or [B, 3, H, W] in [0, 1] (quantised here).
+        crop_border: pixels cropped from each border before SSIM (``crop_border_for(scale)``).
+        test_y: compare BT.601 Y instead of RGB.
+
+    Returns:
+        float64 tensor, [] or [B] (per image).
+    """
+    x = _prepare(sr, hr, crop_border, test_y).cpu().numpy()  # [2, B, C, H', W']
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs at least 11x11 pixels after cropping, got {x.shape[-2:]}")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    window = _gaussian_window()
+
+    def filt(t: np.ndarray) -> np.ndarray:  # [B, C, H', W'] -> 'valid' [B, C, H'-10, W'-10]
+        t = ndimage.correlate1d(ndimage.correlate1d(t, window, axis=-2), window, axis=-1)
+        return t[..., 5:-5, 5:-5]  # drop every position whose window reaches the padding
+
+    img1, img2 = x[0], x[1]
+    mu1, mu2 = filt(img1), filt(img2)
+    sigma1_sq = filt(img1 * img1) - mu1**2
+    sigma2_sq = filt(img2 * img2) - mu2**2
+    sigma12 = filt(img1 * img2) - mu1 * mu2
+    ssim_map = ((2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)) / (
+        (mu1**2 + mu2**2 + c1) * (sigma1_sq + sigma2_sq + c2)
+    )
+    out = torch.from_numpy(ssim_map.mean(axis=(2, 3)).mean(axis=1))  # per channel, then mean: [B]
+    return out if sr.dim() == 4 else out[0]
+
+
+def lpips_distance(sr: torch.Tensor, hr: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    """LPIPS with an injected ``lpips.LPIPS`` net (paper: AlexNet v0.1, ``build_lpips("alex")``).
+
+    Args:
+        sr, hr: float [3, H, W] or [B, 3, H, W] in [0, 1]; mapped to [-1, 1] here. Pass
+            ``quantize(x) / 255`` to measure the saved uint8 images.
+        net: LPIPS module ``(a, b) -> [B, 1, 1, 1]`` with inputs in [-1, 1].
+
+    Returns:
+        float tensor on the CPU, [] or [B] (per image); computed without gradients.
+    """
+    if sr.shape != hr.shape or sr.dim() not in (3, 4):
+        raise ValueError(f"sr and hr must have the same [B,] 3, H, W shape: {sr.shape}, {hr.shape}")
+    device = next(net.parameters()).device
+    a, b = (t.unsqueeze(0) if t.dim() == 3 else t for t in (sr, hr))
+    with torch.no_grad():
+        out = net(a.to(device) * 2 - 1, b.to(device) * 2 - 1).flatten().cpu()  # [B]
+    return out if sr.dim() == 4 else out[0]
+
+
+def _check_image_folder(folder: str | os.PathLike) -> str:
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"FID image folder {path} does not exist")
+    if not any(p.suffix[1:] in IMAGE_EXTENSIONS for p in path.iterdir()):
+        raise FileNotFoundError(
+            f"FID image folder {path} holds no image with a lower-case extension in "
+            f"{sorted(IMAGE_EXTENSIONS)} (pytorch-fid only reads those)"
+        )
+    return str(path)
+
+
+def fid_from_folders(
+    sr_dir: str | os.PathLike,
+    hr_dir: str | os.PathLike,
+    model: nn.Module | None = None,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    dims: int = 2048,
+    num_workers: int = 0,
+) -> float:
+    """FID between two image folders with pytorch-fid (= ``calculate_fid_given_paths``).
+
+    Args:
+        sr_dir, hr_dir: folders of images (pytorch-fid's extensions, read as RGB in [0, 1]).
+        model: pytorch-fid ``InceptionV3`` returning the ``dims``-d block; default
+            ``utils.weights.build_inception(dims)`` (2048-d pool3 with the TF-Inception weights).
+        batch_size, device, dims, num_workers: as in pytorch-fid.
+
+    Returns:
+        The Frechet distance between the Gaussian fits of the two folders' features.
+    """
+    paths = [_check_image_folder(p) for p in (sr_dir, hr_dir)]
+    model = (build_inception(dims) if model is None else model).to(device)
+    (m1, s1), (m2, s2) = (
+        compute_statistics_of_path(p, model, batch_size, dims, device, num_workers) for p in paths
+    )
+    return float(calculate_frechet_distance(m1, s1, m2, s2))

@@ -1,0 +1,109 @@
+"""Run-folder, logger, callback and learning-rate helpers used by train.py."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from utils.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def make_run_dir(logdir: str | Path, stem: str, name: str = "") -> Path:
+    """Returns a new `logdir/stem/<timestamp>[_name]` folder; never reuses an existing one."""
+    stamp = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    base = Path(logdir) / stem / (f"{stamp}_{name}" if name else stamp)
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    (run_dir / "checkpoints").mkdir(parents=True)
+    return run_dir
+
+
+def resolve_resume(path: str | Path) -> tuple[Path, Path, list[str]]:
+    """`--resume` target -> (run folder, checkpoint, saved config files).
+
+    Accepts a run folder (uses checkpoints/last.ckpt) or a checkpoint inside one.
+    """
+    path = Path(path)
+    if path.is_dir():
+        run_dir, ckpt = path, path / "checkpoints" / "last.ckpt"
+    else:
+        run_dir, ckpt = path.parent.parent, path
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
+    configs = sorted(str(p) for p in (run_dir / "configs").glob("*.yaml"))
+    return run_dir, ckpt, configs
+
+
+def save_config(config: Any, run_dir: Path, stem: str) -> Path:
+    """Writes the resolved config to `run_dir/configs/<stem>.yaml` (test.py reads it back)."""
+    out = run_dir / "configs" / f"{stem}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, out, resolve=True)
+    return out
+
+
+def build_loggers(run_dir: Path) -> list:
+    return [
+        TensorBoardLogger(str(run_dir), name="", version="tensorboard"),
+        CSVLogger(str(run_dir), name="", version="csv"),
+    ]
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the resolved config in every checkpoint, so a lone .ckpt file describes its model."""
+
+    def __init__(self, config: Any):
+        self.config = OmegaConf.to_container(config, resolve=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["config"] = self.config
+
+
+def build_callbacks(config: Any, run_dir: Path) -> list[Callback]:
+    """Best-by-monitor + last checkpoints, the config callback and a learning-rate monitor."""
+    model_cfg = config.model
+    monitor = model_cfg.get("monitor") or (model_cfg.get("params") or {}).get("monitor")
+    mode = model_cfg.get("monitor_mode") or ("max" if monitor and "psnr" in monitor else "min")
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="epoch={epoch:04d}-best" if monitor else "epoch={epoch:04d}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode=mode,
+        save_last=True,
+        save_top_k=1,
+    )
+    return [checkpoint, ConfigInCheckpoint(config), LearningRateMonitor(logging_interval="step")]
+
+
+def set_learning_rate(model: pl.LightningModule, config: Any, trainer: pl.Trainer) -> float:
+    """lr = base_learning_rate x batch size x devices x nodes x gradient accumulation."""
+    base = config.model.get("base_learning_rate")
+    if base is None:
+        raise ConfigError("model.base_learning_rate is missing from the config")
+    batch = int(config.data.params.batch_size)
+    accumulate = int(trainer.accumulate_grad_batches)
+    devices, nodes = int(trainer.num_devices), int(trainer.num_nodes)
+    model.learning_rate = lr = base * batch * devices * nodes * accumulate
+    if trainer.is_global_zero:
+        log.info(
+            "learning rate %.2e = %.2e (base) x %d (batch) x %d (devices) x %d (nodes) x %d "
+            "(accumulation)",
+            lr,
+            base,
+            batch,
+            devices,
+            nodes,
+            accumulate,
+        )
+    return lr
