@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.cli import HelpFormatter
 from utils.config import ConfigError, instantiate_from_config, load_config
 from utils.training import (
     build_callbacks,
@@ -30,9 +31,7 @@ log = logging.getLogger("train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", "-c", nargs="+", default=[], help="YAML files, merged in order")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     parser.add_argument("--name", default="", help="suffix of the run folder name")
@@ -89,5 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # Config and data problems (bad keys, missing/corrupt/too-small images) carry messages
+        # naming the file or key; show those, not a stack trace.
         sys.exit(f"error: {err}")

@@ -30,6 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data.datasets import load_split_pickle, seeded_split  # noqa: E402
 from data.transforms import lr_size, resize_bicubic  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 from utils.image_io import ImageReadError, list_images, load_image  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--split_file", "--split-file", type=Path, help="split pickle to apply")
     parser.add_argument(
         "--data_path", "--data-path", type=Path, required=True, help="raw dataset root"

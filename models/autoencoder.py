@@ -134,8 +134,20 @@ class AutoencoderKL(pl.LightningModule):
         rec, posterior = self(hr, lr, sample_posterior=False)
         scale = float(batch["scale"][0])
         rec01 = (rec.clamp(-1, 1) + 1) / 2
-        value = psnr(rec01, batch["hr"], crop_border=math.ceil(scale))
-        self.log("val/psnr", float(value), sync_dist=True, batch_size=hr.shape[0])
+        border = math.ceil(scale)
+        bicubic = F.interpolate(
+            batch["lr"], size=hr.shape[-2:], mode="bicubic", align_corners=False
+        )
+        n = hr.shape[0]
+        self.log(
+            "val/psnr", float(psnr(rec01, batch["hr"], border).mean()), sync_dist=True, batch_size=n
+        )
+        self.log(
+            "val/psnr_bicubic",
+            float(psnr(bicubic, batch["hr"], border).mean()),
+            sync_dist=True,
+            batch_size=n,
+        )
         if self.loss is not None:
             _, log_ae = self.loss(
                 hr, rec, posterior, 0, self.batches_seen, self.get_last_layer(), split="val"

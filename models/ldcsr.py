@@ -208,8 +208,8 @@ class LDCSR(pl.LightningModule):
         sr = self.super_resolve(batch["lr"], hr.shape[-2:])
         border = math.ceil(float(batch["scale"][0]))
         n = hr.shape[0]
-        self.log("val/psnr", float(psnr(sr, hr, border)), sync_dist=True, batch_size=n)
-        self.log("val/ssim", float(ssim(sr, hr, border)), sync_dist=True, batch_size=n)
+        self.log("val/psnr", float(psnr(sr, hr, border).mean()), sync_dist=True, batch_size=n)
+        self.log("val/ssim", float(ssim(sr, hr, border).mean()), sync_dist=True, batch_size=n)
 
     def configure_optimizers(self):
         params = [*self.model.parameters(), *self.cond_stage_model.parameters()]

@@ -29,3 +29,35 @@ def conformance():
     return torch.load(
         shared_path("reference", "conformance_small.pt"), map_location="cpu", weights_only=False
     )
+
+
+def tiny_config(stage: int, *overrides: str):
+    """configs/tiny/{first,second}_stage.yaml as an OmegaConf config, with dotlist overrides."""
+    from omegaconf import OmegaConf
+
+    name = "first_stage.yaml" if stage == 1 else "second_stage.yaml"
+    config = OmegaConf.load(ROOT / "configs" / "tiny" / name)
+    config.merge_with_dotlist(list(overrides))
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_sr_checkpoint(tmp_path_factory):
+    """A tiny stage-2 checkpoint in train.py's format (random weights, scale_factor 1/std), with
+    its run folder layout `<run>/checkpoints/last.ckpt` + `<run>/configs/second_stage.yaml`."""
+    from omegaconf import OmegaConf
+
+    from utils.config import instantiate_from_config
+
+    torch.manual_seed(0)
+    config = tiny_config(2)
+    model = instantiate_from_config(config.model)  # ckpt_path ??? is fine to build
+    model.scale_factor.fill_(0.8)
+    run = tmp_path_factory.mktemp("tiny_run")
+    (run / "checkpoints").mkdir()
+    (run / "configs").mkdir()
+    OmegaConf.save(config, run / "configs" / "second_stage.yaml")
+    plain = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
+    path = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "config": plain, "epoch": 0}, path)
+    return path

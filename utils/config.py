@@ -7,6 +7,7 @@ their YAML files work unchanged.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,10 +86,7 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> Any:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         exists = OmegaConf.select(config, key, default=_MISSING, throw_on_missing=False)
         if not key.startswith("lightning.") and exists is _MISSING:
-            raise ConfigError(
-                f"unknown config key {key!r} (from override {item!r}); keys under "
-                f"{key.rpartition('.')[0] or 'the top level'}: {_keys_at(config, key)}"
-            )
+            _check_new_key(config, key, item)
         parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]  # YAML typing: 1 -> int, null -> None
         OmegaConf.update(config, key, parsed, merge=False)
     unknown = set(config) - set(SECTIONS)
@@ -102,12 +100,26 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> Any:
 _MISSING = object()
 
 
-def _keys_at(config: Any, key: str) -> list[str]:
+def _check_new_key(config: Any, key: str, item: str) -> None:
+    """A key absent from the files may be added only as a constructor argument of the block's
+    `target` (e.g. `data.params.train.params.repeat=4`); anything else is a typo."""
     from omegaconf import OmegaConf
 
-    parent = key.rpartition(".")[0]
+    parent, _, name = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
-    return sorted(node.keys()) if hasattr(node, "keys") else []
+    known = sorted(node.keys()) if hasattr(node, "keys") else []
+    block = (
+        OmegaConf.select(config, parent.rpartition(".")[0]) if parent.endswith("params") else None
+    )
+    if block is not None and "target" in block:
+        accepted = list(inspect.signature(get_obj_from_str(block.target)).parameters)
+        if name in accepted:
+            return
+        known = accepted
+    raise ConfigError(
+        f"unknown config key {key!r} (from override {item!r}); valid keys under "
+        f"{parent or 'the top level'}: {known}"
+    )
 
 
 # Keys of the authors' stage-2 `params` that our LDCSR does not take, with the only value the
