@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from utils.cli import HelpFormatter
 from utils.config import ConfigError, instantiate_from_config, load_config
 from utils.training import (
+    AtomicCheckpointIO,
     build_callbacks,
     build_loggers,
     make_run_dir,
@@ -28,6 +30,7 @@ from utils.training import (
 )
 
 log = logging.getLogger("train")
+RUN_DIR_ENV = "LDCSR_RUN_DIR"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="run folder or checkpoint to resume from")
     parser.add_argument("--seed", type=int, default=23, help="seed for weights, data and scales")
     parser.add_argument("--logdir", default="logs", help="parent folder of the run folders")
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="use this run folder instead of a new timestamped one (set it when torchrun or "
+        "SLURM start every rank, so that all ranks share it)",
+    )
     parser.add_argument("--accelerator", default=None, help="cpu, gpu, auto (overrides config)")
     parser.add_argument("--devices", default=None, help="device count or list (overrides config)")
     parser.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed, ...")
@@ -71,18 +80,27 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(args.seed, workers=True)
     model = instantiate_from_config(config.model)
     data = instantiate_from_config(config.data)
-    run_dir = run_dir or make_run_dir(args.logdir, Path(configs[0]).stem, args.name)
+    # DDP ranks started by Lightning inherit the folder rank 0 made (RUN_DIR_ENV, set below).
+    run_dir = run_dir or args.run_dir or os.environ.get(RUN_DIR_ENV)
+    run_dir = (
+        Path(run_dir) if run_dir else make_run_dir(args.logdir, Path(configs[0]).stem, args.name)
+    )
     trainer = pl.Trainer(
         **trainer_cfg,
         default_root_dir=str(run_dir),
         logger=build_loggers(run_dir),
         callbacks=build_callbacks(config, run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
     set_learning_rate(model, config, trainer)
     if trainer.is_global_zero:
         save_config(config, run_dir, Path(configs[0]).stem)
         log.info("run folder: %s", run_dir)
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
 
 
 if __name__ == "__main__":

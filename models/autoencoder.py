@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.utils import save_image
 
 from ldm.distributions import DiagonalGaussianDistribution
+from models.guard import NonFiniteLossGuard
 from utils.checkpoint import load_weights
 from utils.config import instantiate_from_config
 from utils.metrics import psnr
@@ -43,6 +44,8 @@ class AutoencoderKL(pl.LightningModule):
         monitor: metric name for checkpointing (read by train.py).
         learn_logvar: optimise the loss's log-variance with the autoencoder (the method calls it
             learnable; latent-diffusion's code leaves it out of the optimiser, which keeps it at 0).
+        max_skipped_batches: stop after this many consecutive batches with a non-finite loss
+            (each is skipped without touching the weights).
 
     `learning_rate` is set by train.py from `model.base_learning_rate` (see utils/config.py).
     """
@@ -57,6 +60,7 @@ class AutoencoderKL(pl.LightningModule):
         ignore_keys: Sequence[str] = (),
         monitor: str | None = None,
         learn_logvar: bool = True,
+        max_skipped_batches: int = 20,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -71,6 +75,7 @@ class AutoencoderKL(pl.LightningModule):
         self.monitor = monitor
         self.learning_rate = 4.5e-6 * 4  # the paper's rate at batch 4, one device
         self.batches_seen = 0  # drives disc_start; saved in the checkpoint
+        self.guard = NonFiniteLossGuard(max_skipped_batches)
         if ckpt_path:
             ignore = tuple(ignore_keys) + (() if self.loss is not None else ("loss.",))
             load_weights(self, ckpt_path, ignore_prefixes=ignore)
@@ -109,6 +114,9 @@ class AutoencoderKL(pl.LightningModule):
         ae_loss, log_ae = self.loss(
             hr, rec, posterior, 0, self.batches_seen, self.get_last_layer(), split="train"
         )
+        if not self.guard.ok(self, ae_loss):
+            self.untoggle_optimizer(opt_ae)
+            return
         opt_ae.zero_grad()
         self.manual_backward(ae_loss)
         opt_ae.step()
@@ -118,9 +126,10 @@ class AutoencoderKL(pl.LightningModule):
         disc_loss, log_disc = self.loss(
             hr, rec.detach(), posterior, 1, self.batches_seen, self.get_last_layer(), split="train"
         )
-        opt_disc.zero_grad()
-        self.manual_backward(disc_loss)
-        opt_disc.step()
+        if self.guard.ok(self, disc_loss):
+            opt_disc.zero_grad()
+            self.manual_backward(disc_loss)
+            opt_disc.step()
         self.untoggle_optimizer(opt_disc)
 
         self.batches_seen += 1
@@ -183,6 +192,9 @@ class AutoencoderKL(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["batches_seen"] = self.batches_seen
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batches_seen = int(checkpoint.get("batches_seen", 0))
+        if "nonfinite_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["nonfinite_guard"])

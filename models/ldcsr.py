@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm.diffusion import GaussianDiffusion
 from ldm.ema import LitEma
+from models.guard import NonFiniteLossGuard
 from utils.checkpoint import load_weights
 from utils.config import ConfigError, instantiate_from_config
 from utils.metrics import psnr, ssim
@@ -48,6 +49,8 @@ class LDCSR(pl.LightningModule):
         l_kd_weight: weight of `mse(cond, x0)`, which pulls the condition towards the latent.
         ema_decay: EMA decay of the UNet weights (sampling uses the EMA weights).
         ckpt_path: optional stage-2 checkpoint to initialise from (fine-tuning).
+        max_skipped_batches: stop after this many consecutive batches with a non-finite loss
+            (each is skipped: no weight or EMA update).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class LDCSR(pl.LightningModule):
         l_kd_weight: float = 1.0,
         ema_decay: float = 0.9999,
         ckpt_path: str | None = None,
+        max_skipped_batches: int = 20,
     ):
         super().__init__()
         first_stage_config = _plain(first_stage_config)
@@ -87,6 +91,7 @@ class LDCSR(pl.LightningModule):
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self.scale_by_std = scale_by_std
         self.l_kd_weight = l_kd_weight
+        self.guard = NonFiniteLossGuard(max_skipped_batches)
         self.learning_rate = 1.0e-5 * 8  # the paper's rate at batch 8; train.py sets the real one
         if ckpt_path:
             load_weights(self, ckpt_path)
@@ -194,14 +199,24 @@ class LDCSR(pl.LightningModule):
         loss = loss_simple + self.l_kd_weight * loss_kd
         return {"loss": loss, "loss_simple": loss_simple, "loss_kd": loss_kd}
 
-    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor | None:
         losses = self.training_losses(batch)
+        if not self.guard.ok(self, losses["loss"]):
+            return None  # Lightning skips backward and the optimiser step
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
         self.log("train/scale", float(batch["scale"][0]))
         return losses["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.model_ema(self.model)
+        if outputs is not None:  # skipped batches leave the EMA untouched too
+            self.model_ema(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "nonfinite_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         hr = batch["hr"]

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from utils.config import ConfigError
 
@@ -83,7 +88,78 @@ def build_callbacks(config: Any, run_dir: Path) -> list[Callback]:
         save_last=True,
         save_top_k=1,
     )
-    return [checkpoint, ConfigInCheckpoint(config), LearningRateMonitor(logging_interval="step")]
+    return [
+        checkpoint,
+        ConfigInCheckpoint(config),
+        RNGStateInCheckpoint(),
+        SaveOnInterrupt(run_dir / "checkpoints" / "last.ckpt"),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes `<path>.tmp-<pid>`, flushes it to disk, then renames it over `<path>`.
+
+    A save interrupted midway (killed job, full disk) leaves the previous checkpoint intact.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class RNGStateInCheckpoint(Callback):
+    """Saves and restores the Python, NumPy and torch RNG states, so a resumed run draws the same
+    crops, scales' noise and posterior samples as an uninterrupted one."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C, SIGTERM (Lightning turns it into an exception) or a crash, writes a resumable
+    `last.ckpt` (atomically) before the run ends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Interrupts only: after a crash the state may be unusable, so last.ckpt is kept.
+        interrupted = isinstance(exception, (KeyboardInterrupt, SystemExit))
+        if not interrupted or trainer.global_step == 0:
+            return
+        trainer.save_checkpoint(str(self.path))
+        log.warning(
+            "%s: saved %s at step %d; continue with `python train.py --resume %s`",
+            type(exception).__name__,
+            self.path,
+            trainer.global_step,
+            self.path.parent.parent,
+        )
 
 
 def set_learning_rate(model: pl.LightningModule, config: Any, trainer: pl.Trainer) -> float:
