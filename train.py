@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     # DDP ranks started by Lightning inherit the folder rank 0 made (RUN_DIR_ENV, set below).
     run_dir = run_dir or args.run_dir or os.environ.get(RUN_DIR_ENV)
     run_dir = (
-        Path(run_dir) if run_dir else make_run_dir(args.logdir, Path(configs[0]).stem, args.name)
+        Path(run_dir) if run_dir else make_run_dir(args.logdir, Path(configs[-1]).stem, args.name)
     )
     trainer = pl.Trainer(
         **trainer_cfg,
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     set_learning_rate(model, config, trainer)
     if trainer.is_global_zero:
-        save_config(config, run_dir, Path(configs[0]).stem)
+        save_config(config, run_dir, Path(configs[-1]).stem)
         log.info("run folder: %s", run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:

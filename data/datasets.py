@@ -253,13 +253,25 @@ class MultiScaleTrainDataset(Dataset):
         test_fraction: float = 0.0,
         split_seed: int = 0,
     ) -> None:
+        self._set_crops(min_scale, max_scale, lr_size, hr_size, augment)
+        self.images = ImageFolder(
+            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction, split_seed
+        )
+
+    def _set_crops(
+        self,
+        min_scale: float,
+        max_scale: float,
+        lr_size: int | None,
+        hr_size: int | None,
+        augment: bool,
+    ) -> None:
+        """Check and store the crop settings; subclasses that bring their own `self.images`
+        (an `ImageFolder` look-alike, e.g. `data.scenes.SceneTrainDataset`) call it too."""
         if (lr_size is None) == (hr_size is None):
             raise ValueError("set exactly one of lr_size (stage 1) and hr_size (stage 2)")
         if not 1.0 <= min_scale <= max_scale:
             raise ValueError(f"need 1 <= min_scale <= max_scale, got {min_scale}, {max_scale}")
-        self.images = ImageFolder(
-            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction, split_seed
-        )
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.lr_size, self.hr_size, self.augment = lr_size, hr_size, augment
 
@@ -324,11 +336,16 @@ class FixedScaleDataset(Dataset):
         test_fraction: float = 0.0,
         split_seed: int = 0,
     ) -> None:
-        if scale < 1:
-            raise ValueError(f"scale must be >= 1, got {scale}")
+        self._set_scale(scale)
         self.images = ImageFolder(
             root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction, split_seed
         )
+
+    def _set_scale(self, scale: float) -> None:
+        """Check and store the scale; subclasses that bring their own `self.images` (an
+        `ImageFolder` look-alike, e.g. `data.scenes.SceneEvalDataset`) call it too."""
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
         self.scale = float(scale)
 
     def __len__(self) -> int:
