@@ -13,8 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.baseline_upsamplers import LocalImplicitUpsampler, PixelShuffleUpsampler
 from ldm.blocks import FRU, Downsample, ResnetBlock, ScaleModulation, normalize, swish
 from ldm.upsampler import ScaleAwareUpsampler
+
+UPSAMPLERS = {
+    "scale_aware": lambda ch, out: ScaleAwareUpsampler(ch, out, num_levels=4),
+    "liif": LocalImplicitUpsampler,
+    "pixel_shuffle": PixelShuffleUpsampler,
+}
+
+
+def build_upsampler(name: str, channels: int, out_channels: int) -> nn.Module:
+    """The decoder's upsampler by name (the paper's is "scale_aware")."""
+    _check_choice("upsampler", name, tuple(UPSAMPLERS))
+    return UPSAMPLERS[name](channels, out_channels)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"GAPDecoder: {name} must be one of {choices}, got {value!r}")
 
 
 class GAPEncoder(nn.Module):
@@ -98,6 +116,14 @@ class GAPDecoder(nn.Module):
         num_sr_modules: IMD modules of the FRU at each level (one FRU per level).
         attn_resolutions: must be empty; kept so the authors' YAML files load.
         dropout: ResnetBlock dropout.
+        fusion: ablation switch. "modulation" (paper): scale-conditioned `ScaleModulation` of the
+            SR features with the latent features; "add": `x + h_k`, no scale input (no
+            `style`/`condition_scale*` parameters).
+        refinement: ablation switch. "fru" (paper) or "none" (no refinement blocks).
+        upsampler: ablation switch. "scale_aware" (paper), "liif" (`LocalImplicitUpsampler`) or
+            "pixel_shuffle" (fixed x4, `PixelShuffleUpsampler`).
+        use_latent: ablation switch. False builds the SR-only baseline: no embedding branch, the
+            decoder super-resolves the LR alone (`forward(None, lr, out_size)`).
     """
 
     def __init__(
@@ -111,6 +137,10 @@ class GAPDecoder(nn.Module):
         num_sr_modules: Sequence[int],
         attn_resolutions: Sequence[int] = (),
         dropout: float = 0.0,
+        fusion: str = "modulation",
+        refinement: str = "fru",
+        upsampler: str = "scale_aware",
+        use_latent: bool = True,
     ):
         super().__init__()
         if attn_resolutions:
@@ -120,12 +150,21 @@ class GAPDecoder(nn.Module):
                 f"num_sr_modules {list(num_sr_modules)} needs one entry per level of "
                 f"ch_mult {list(ch_mult)}"
             )
+        _check_choice("fusion", fusion, ("modulation", "add"))
+        _check_choice("refinement", refinement, ("fru", "none"))
+        self.fusion, self.use_latent = fusion, use_latent
         # Names (`style`, `head`, `FRUList`, `up[i].transfer`, `condition_scale1/2`) are the
         # authors', for checkpoint compatibility.
-        self.style = ScaleModulation()
+        if use_latent and fusion == "modulation":
+            self.style = ScaleModulation()
         self.head = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.FRUList = nn.ModuleList(FRU(ch, n) for n in num_sr_modules)
-        self.upsampler = ScaleAwareUpsampler(ch, out_ch, num_levels=4)
+        refine = (lambda n: FRU(ch, n)) if refinement == "fru" else (lambda n: nn.Identity())
+        self.FRUList = nn.ModuleList(refine(n) for n in num_sr_modules)
+        self.upsampler = build_upsampler(upsampler, ch, out_ch)
+        if use_latent:
+            self._build_embedding_branch(ch, ch_mult, num_res_blocks, z_channels, dropout)
+
+    def _build_embedding_branch(self, ch, ch_mult, num_res_blocks, z_channels, dropout) -> None:
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
@@ -140,8 +179,9 @@ class GAPDecoder(nn.Module):
                 block_in = ch * ch_mult[i]
             level.block = nn.ModuleList(blocks)
             level.transfer = nn.Conv2d(block_in, ch, 1)
-            level.condition_scale1 = nn.Linear(1, ch)
-            level.condition_scale2 = nn.Linear(1, ch)
+            if self.fusion == "modulation":
+                level.condition_scale1 = nn.Linear(1, ch)
+                level.condition_scale2 = nn.Linear(1, ch)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -156,14 +196,25 @@ class GAPDecoder(nn.Module):
             for block in level.block:
                 h = block(h)
             feat = F.interpolate(level.transfer(h), size=lr_size, mode="nearest")
-            yield feat, level.condition_scale1(s), level.condition_scale2(s)
+            if self.fusion == "add":
+                yield feat, None, None
+            else:
+                yield feat, level.condition_scale1(s), level.condition_scale2(s)
 
-    def forward(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-        """z: [B, z, h_z, w_z]; lr: [B, 3, h, w] in [-1, 1] -> [B, out_ch, *out_size]."""
+    def forward(
+        self, z: torch.Tensor | None, lr: torch.Tensor, out_size: Sequence[int]
+    ) -> torch.Tensor:
+        """z: [B, z, h_z, w_z] (None without latent); lr: [B, 3, h, w] in [-1, 1]
+        -> [B, out_ch, *out_size]."""
         out_size = (int(out_size[0]), int(out_size[1]))
         scale = out_size[0] / lr.shape[-2]  # height ratio s = H_out / h_lr
         x = self.head(lr)  # [B, ch, h, w]
-        for fru, (feat, a, b) in zip(self.FRUList, self.embed_latent(z, lr.shape[-2:], scale)):
-            x = fru(self.style(x, a, b, feat))
+        if not self.use_latent:
+            for fru in self.FRUList:
+                x = fru(x)
+        else:
+            levels = self.embed_latent(z, lr.shape[-2:], scale)
+            for fru, (feat, a, b) in zip(self.FRUList, levels):
+                x = fru(x + feat if self.fusion == "add" else self.style(x, a, b, feat))
         up = F.interpolate(lr, size=out_size, mode="bicubic", align_corners=False)
         return self.upsampler(x, out_size) + up

@@ -46,6 +46,11 @@ class AutoencoderKL(pl.LightningModule):
             learnable; latent-diffusion's code leaves it out of the optimiser, which keeps it at 0).
         max_skipped_batches: stop after this many consecutive batches with a non-finite loss
             (each is skipped without touching the weights).
+        encoder_input: ablation switch. "hr_lr" (paper): the encoder sees cat[bicubic_up(LR), HR]
+            (in_channels 6); "hr": HR only (in_channels 3).
+
+    The SR-only baseline (no latent at all) is `encoder_config: null` with the decoder's
+    `use_latent: false`: the decoder is then trained as a plain continuous-scale SR network.
 
     `learning_rate` is set by train.py from `model.base_learning_rate` (see utils/config.py).
     """
@@ -61,16 +66,27 @@ class AutoencoderKL(pl.LightningModule):
         monitor: str | None = None,
         learn_logvar: bool = True,
         max_skipped_batches: int = 20,
+        encoder_input: str = "hr_lr",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         # Attribute names are the authors' (checkpoint keys `encoder.*`, `quant_conv.*`, ...).
-        self.encoder = instantiate_from_config(encoder_config)
+        if encoder_input not in ("hr_lr", "hr"):
+            raise ValueError(f"encoder_input must be 'hr_lr' or 'hr', got {encoder_input!r}")
+        self.encoder_input = encoder_input
         self.decoder = instantiate_from_config(decoder_config)
-        z_channels = decoder_config["params"]["z_channels"]
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.use_latent = encoder_config is not None
+        if self.use_latent != self.decoder.use_latent:
+            raise ValueError(
+                "the SR-only baseline needs both encoder_config: null and the decoder's "
+                "use_latent: false (or neither)"
+            )
+        if self.use_latent:
+            self.encoder = instantiate_from_config(encoder_config)
+            z_channels = decoder_config["params"]["z_channels"]
+            self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.loss = instantiate_from_config(lossconfig) if lossconfig else None
         self.monitor = monitor
         self.learning_rate = 4.5e-6 * 4  # the paper's rate at batch 4, one device
@@ -83,15 +99,21 @@ class AutoencoderKL(pl.LightningModule):
     # ----------------------------------------------------------------------------- inference API
     def encode(self, hr: torch.Tensor, lr: torch.Tensor) -> DiagonalGaussianDistribution:
         """hr: [B, 3, H, W], lr: [B, 3, h, w] in [-1, 1] -> posterior over [B, embed, H/8, W/8]."""
-        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
-        moments = self.quant_conv(self.encoder(torch.cat([lr_up, hr], dim=1)))  # LR first
-        return DiagonalGaussianDistribution(moments)
+        if self.encoder_input == "hr":
+            x = hr
+        else:
+            lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+            x = torch.cat([lr_up, hr], dim=1)  # LR first
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         """z: [B, embed, h_z, w_z], lr: [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size], unclamped."""
         return self.decoder(self.post_quant_conv(z), lr, out_size)
 
     def forward(self, hr: torch.Tensor, lr: torch.Tensor, sample_posterior: bool = True):
+        if not self.use_latent:  # SR-only baseline: a zero-KL stand-in posterior
+            posterior = DiagonalGaussianDistribution(hr.new_zeros(hr.shape[0], 2, 1, 1), True)
+            return self.decoder(None, lr, hr.shape[-2:]), posterior
         posterior = self.encode(hr, lr)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z, lr, hr.shape[-2:]), posterior
@@ -176,11 +198,8 @@ class AutoencoderKL(pl.LightningModule):
 
     def configure_optimizers(self):
         ae_params = [
-            *self.encoder.parameters(),
-            *self.decoder.parameters(),
-            *self.quant_conv.parameters(),
-            *self.post_quant_conv.parameters(),
-        ]
+            p for name, p in self.named_parameters() if not name.startswith("loss.")
+        ]  # encoder, decoder, quant_conv, post_quant_conv
         if self.hparams.learn_logvar:
             ae_params.append(self.loss.logvar)
         ae_params = [p for p in ae_params if p.requires_grad]
