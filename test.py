@@ -43,19 +43,16 @@ from pathlib import Path
 
 import torch
 
-from models import load_first_stage_model, load_sr_model
-from utils.config import ConfigError
-from utils.evaluation import (
+from data.test_pairs import (
     REFERENCE_DATATYPES,
     EvaluationError,
-    evaluate,
-    load_metrics,
     parse_datatype,
     parse_scales,
-    prepare_out_dir,
     resolve_dataset,
-    write_summary,
 )
+from models import load_first_stage_model, load_sr_model
+from utils.config import ConfigError
+from utils.evaluation import evaluate, load_metrics, prepare_out_dir, write_summary
 from utils.image_io import ImageReadError
 from utils.weights import MissingWeightsError
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +18,12 @@ from PIL import Image
 from data.transforms import lr_size, resize_bicubic
 from models import load_sr_model
 from tests.conftest import ROOT, shared_path, tiny_config
+from utils import evaluation
 from utils.config import ConfigError, instantiate_from_config
 from utils.evaluation import EvaluationError, parse_scales, prepare_out_dir
 from utils.image_io import load_image, to_tensor01
-from utils.metrics import quantize
-from utils.weights import MissingWeightsError, write_random_weights
+from utils.metrics import fid_from_folders, fid_statistics, quantize
+from utils.weights import MissingWeightsError, build_inception, write_random_weights
 
 _spec = importlib.util.spec_from_file_location("ldcsr_test_cli", ROOT / "test.py")
 cli = importlib.util.module_from_spec(_spec)  # `import test` could give the stdlib package
@@ -155,6 +157,29 @@ def test_lpips_and_fid_with_placed_weights(offline, tiny_sr_checkpoint, data_roo
     rows = _run(tiny_sr_checkpoint, data_root, tmp_path / "out", *args, dataset="HOLD")
     assert all(r["lpips"] is not None and r["fid"] is not None for r in rows)
     assert not (tmp_path / "out" / "HOLD" / "x4" / "hr").exists()  # FID's HR copies are removed
+
+
+def test_fid_fits_each_hr_folder_once(
+    offline, tiny_sr_checkpoint, data_root, tmp_path, monkeypatch
+):
+    """All rows of a scale (LDCSR, sr_kd, Bicubic) reuse one HR fit, and get the folder FID."""
+    write_random_weights(offline, ["inception"])
+    out, fitted = tmp_path / "out", []
+
+    def spy(folder, *args):
+        fitted.append(Path(folder).relative_to(out).as_posix())
+        return fid_statistics(folder, *args)
+
+    monkeypatch.setattr(evaluation, "fid_statistics", spy)
+    args = ("--scales", "2,4", "--metrics", "fid", "--fid-dims", "64", "--sr-kd", "--device", "cpu")
+    rows = _run(tiny_sr_checkpoint, data_root, out, *args, dataset="HOLD")
+    folders = ("hr", "sr", "sr_kd", "bicubic")
+    assert sorted(fitted) == sorted(f"HOLD/x{s}/{f}" for s in (2, 4) for f in folders)
+    names = {"LDCSR": "sr", "LDCSR (sr_kd)": "sr_kd", "Bicubic": "bicubic"}
+    model, hr_dir = build_inception(64), data_root / "HOLD" / "test" / "HR"
+    for row in rows:  # the HR copies are pixel-identical PNGs of the same names
+        sr_dir = out / "HOLD" / f"x{row['scale']:g}" / names[row["method"]]
+        assert abs(row["fid"] - fid_from_folders(sr_dir, hr_dir, model, 1, "cpu", 64)) < 1e-6
 
 
 @pytest.mark.parametrize(

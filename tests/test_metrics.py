@@ -8,7 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.metrics import crop_border_for, fid_from_folders, lpips_distance, psnr, quantize, ssim
+from utils.metrics import (
+    crop_border_for,
+    fid_from_folders,
+    fid_statistics,
+    frechet_distance,
+    lpips_distance,
+    psnr,
+    quantize,
+    ssim,
+)
 from utils.weights import (
     FID_WEIGHTS_URL,
     WEIGHTS,
@@ -155,6 +164,20 @@ def test_fid_matches_pytorch_fid(torch_home, tmp_path):
     assert ref > 0 and abs(ours - ref) < 1e-6 and abs(injected - ref) < 1e-6
     with pytest.raises(FileNotFoundError, match="no image"):
         fid_from_folders(tmp_path, hr_dir, model=build_inception(64), dims=64)
+
+
+def test_fid_from_cached_statistics_is_the_same(torch_home, tmp_path):
+    """An HR fit computed once and reused gives the FID `fid_from_folders` recomputes."""
+    sr_dir = _write_images(tmp_path / "sr", 0, smooth=True)
+    hr_dir = _write_images(tmp_path / "hr", 1, smooth=False)
+    model = build_inception(64)
+    sr_stats, hr_stats = (fid_statistics(d, model, 4, "cpu", 64) for d in (sr_dir, hr_dir))
+    assert hr_stats[0].shape == (64,) and hr_stats[1].shape == (64, 64)
+    cached = [frechet_distance(sr_stats, hr_stats) for _ in range(2)]  # the fit is not altered
+    fresh = fid_from_folders(sr_dir, hr_dir, model, 4, "cpu", 64)
+    assert cached[0] > 0 and cached[0] == cached[1] and abs(cached[0] - fresh) < 1e-6
+    with pytest.raises(FileNotFoundError, match="no image"):
+        fid_statistics(tmp_path, model, dims=64)
 
 
 def test_weights_registry_matches_libraries():

@@ -1,8 +1,8 @@
 """Evaluation loop of the paper protocol (ARCHITECTURE.md section 4), shared by test.py and demo.py.
 
-`evaluate` runs one dataset at several scales: inputs per datatype, batches of equal-size images,
-every method under `torch.inference_mode()`, metrics from `utils.metrics`, PNGs and a per-image
-CSV per scale. `write_summary` writes the run's table as `summary.csv`, `.json` and `.md`.
+`evaluate` runs every method on the batches `data.test_pairs` plans for one dataset at several
+scales, under `torch.inference_mode()`, scores them with `utils.metrics` (FID: HR statistics once
+per scale) and writes PNGs and a per-image CSV; `write_summary` writes `summary.csv/.json/.md`.
 """
 
 from __future__ import annotations
@@ -11,24 +11,32 @@ import csv
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path, PurePosixPath
+from functools import cache, partial
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from data.prepare_split import flat_names
+from data import test_pairs
+from data.test_pairs import EvaluationError, Item, Source, parse_datatype, parse_scales
 from data.transforms import resize_bicubic
-from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
-from utils.metrics import crop_border_for, fid_from_folders, lpips_distance, psnr, quantize, ssim
+from utils.image_io import to_tensor01
+from utils.metrics import (
+    crop_border_for,
+    fid_statistics,
+    frechet_distance,
+    lpips_distance,
+    psnr,
+    quantize,
+    ssim,
+)
 from utils.weights import MissingWeightsError, build_inception, build_lpips
 
 try:
@@ -38,8 +46,6 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger(__name__)
 
-DATATYPES = ("hr-downsample", "paired", "lr", "hr-input")
-REFERENCE_DATATYPES = ("hr-downsample", "paired")  # the datatypes with an HR target
 METRICS = ("psnr", "ssim", "lpips", "fid")
 SUMMARY_COLUMNS = (
     "method", "dataset", "scale", "psnr", "ssim", "lpips", "fid", "runtime_s_per_image",
@@ -61,159 +67,6 @@ _MEMORY_NOTES = {
 }
 
 
-class EvaluationError(ValueError):
-    """Bad evaluation input (dataset, scale, datatype, output folder); the message says the fix."""
-
-
-def parse_datatype(text: str) -> str:
-    """`hr-downsample`, `paired`, `lr` or `hr-input` (underscores and upper case accepted)."""
-    name = text.strip().lower().replace("_", "-")
-    if name not in DATATYPES:
-        raise EvaluationError(f"unknown datatype {text!r}; choose one of {', '.join(DATATYPES)}")
-    return name
-
-
-def parse_scales(values: Sequence[str | float]) -> list[float]:
-    """`["2,2.5", "4"]` -> `[2.0, 2.5, 4.0]`; raises EvaluationError unless all are numbers > 0."""
-    parts = [p for v in values for p in re.split(r"[,\s]+", str(v).strip()) if p]
-    for part in parts or ["(none)"]:
-        try:
-            ok = math.isfinite(float(part)) and float(part) > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise EvaluationError(f"scale {part!r} is not a number > 0; e.g. --scales 2,2.5,4")
-    return list(dict.fromkeys(float(p) for p in parts))
-
-
-@dataclass(frozen=True)
-class Source:
-    """A dataset: `images` = HR folder (lr, hr-input: the inputs); `lr_root` = the folder of the
-    `X<s>` LR folders that data/prepare_split.py writes (None for a plain folder)."""
-
-    name: str
-    images: Path
-    lr_root: Path | None = None
-
-
-def source_from_folder(folder: str | Path, name: str | None = None) -> Source:
-    """A split folder with `HR/` (+ `LR/`), an `HR` folder beside `LR/`, or a plain folder."""
-    folder = Path(folder)
-    if (folder / "HR").is_dir() or (folder / "LR").is_dir():
-        images, lr_root = folder / "HR", folder / "LR"
-    elif folder.name.lower() == "hr":
-        images, lr_root = folder, folder.parent / "LR"
-    else:
-        images, lr_root = folder, None
-    parts = [p for p in folder.resolve().parts[1:] if p.lower() not in ("hr", "lr", "test")]
-    return Source(
-        name or re.sub(r"[^\w.-]+", "_", parts[-1] if parts else "images"), images, lr_root
-    )
-
-
-def resolve_dataset(name: str, data_root: str | Path = "dataset") -> Source:
-    """`<data_root>/<name>/test` (or `Test`) as prepare_split.py writes it, else a folder path."""
-    root = Path(data_root)
-    for folder in (root / name, Path(name)):  # a dataset folder holding test/ or Test/
-        for split in ("test", "Test"):
-            if (folder / split).is_dir():
-                return source_from_folder(folder / split)
-    if Path(name).is_dir():
-        return source_from_folder(name)
-    known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    found = f"datasets under {root}: {', '.join(known)}" if known else f"{root} holds no dataset"
-    raise EvaluationError(
-        f"unknown dataset {name!r}: neither {root / name}/test/HR nor a folder {name} exists "
-        f"({found}); write it with data/prepare_split.py, set --data-root, or pass a folder path"
-    )
-
-
-def input_folders(source: Source, datatype: str, scale: float) -> tuple[Path, Path | None]:
-    """(folder listed: HR, or LR/X<s> for lr; the paired LR folder or None)."""
-    lr_dir = source.lr_root / f"X{scale:g}" if source.lr_root is not None else None
-    if datatype == "paired" and (lr_dir is None or not lr_dir.is_dir()):
-        raise EvaluationError(
-            f"--datatype paired needs the LR folder {lr_dir or 'LR/X' + format(scale, 'g')} beside "
-            f"{source.images} (write it with data/prepare_split.py --scales {scale:g})"
-        )
-    folder = lr_dir if datatype == "lr" and lr_dir is not None else source.images
-    if not folder.is_dir():
-        raise EvaluationError(f"image folder {folder} does not exist (dataset {source.name})")
-    return folder, lr_dir if datatype == "paired" else None
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image: output PNG name, input file(s), LR and output sizes (h, w)."""
-
-    name: str
-    path: Path  # the HR (hr-downsample, paired) or the input image (lr, hr-input)
-    lr_path: Path | None
-    lr_hw: tuple[int, int]
-    out_hw: tuple[int, int]
-
-
-def _item(name: str, path: Path, lr_path, datatype: str, scale: float, min_side: int) -> Item:
-    height, width = verify_image(path)
-    if datatype == "hr-downsample":  # truncation as data.transforms.lr_size
-        lr_hw, out_hw = (int(height / scale), int(width / scale)), (height, width)
-    elif datatype == "paired":
-        lr_hw, out_hw = verify_image(lr_path), (height, width)
-    else:
-        lr_hw, out_hw = (height, width), (round(height * scale), round(width * scale))
-    if min(lr_hw) < 1 or min(out_hw) < min_side:
-        raise EvaluationError(
-            f"{path} ({height}x{width}) is too small for scale {scale:g}: LR "
-            f"{lr_hw[0]}x{lr_hw[1]}, output {out_hw[0]}x{out_hw[1]}; the model needs an LR side "
-            f">= 1 px and an output side >= {min_side} px"
-        )
-    return Item(name, path, lr_path, lr_hw, out_hw)
-
-
-def plan_items(source: Source, datatype: str, scale: float, min_side: int = 1):
-    """Reads image headers -> (items, failed rows); unusable images are logged, not raised."""
-    folder, lr_dir = input_folders(source, datatype, scale)
-    files = list_images(folder)
-    if not files:
-        raise EvaluationError(
-            f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
-        )
-    stem = lambda f: PurePosixPath(f).with_suffix("")  # noqa: E731 - paired files match by stem
-    lr_files = {stem(f): lr_dir / f for f in list_images(lr_dir)} if lr_dir else {}
-    names, items, failed = flat_names(files), [], []
-    for f in files:
-        try:
-            if lr_dir and stem(f) not in lr_files:
-                raise EvaluationError(f"{folder / f} has no LR image of the same name in {lr_dir}")
-            args = (names[f], folder / f, lr_files.get(stem(f)), datatype, scale, min_side)
-            items.append(_item(*args))
-        except (EvaluationError, ImageReadError) as err:
-            log.warning("image skipped: %s", err)
-            failed.append({"file": names[f], "scale": scale, "status": f"failed: {err}"})
-    return items, failed
-
-
-def make_batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
-    """Batches of <= `batch_size` items with equal LR and output sizes, in listing order."""
-    groups: dict[tuple, list[Item]] = {}
-    for item in items:
-        groups.setdefault((item.lr_hw, item.out_hw), []).append(item)
-    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-
-
-def load_batch(batch: Sequence[Item], datatype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> LR [B, 3, h, w], HR [B, 3, H, W] (None without HR) in [0, 1], on the CPU."""
-    lrs, hrs = [], []
-    for item in batch:
-        img = load_image(item.path)
-        if datatype == "hr-downsample":  # Pillow bicubic of the uint8 HR (section 1)
-            lrs.append(to_tensor01(resize_bicubic(img, item.lr_hw)))
-        else:
-            lrs.append(to_tensor01(load_image(item.lr_path) if datatype == "paired" else img))
-        hrs += [to_tensor01(img)] if datatype in REFERENCE_DATATYPES else []
-    return torch.stack(lrs), torch.stack(hrs) if hrs else None
-
-
 def _to_pil(x01: torch.Tensor) -> Image.Image:
     return Image.fromarray(quantize(x01).permute(1, 2, 0).cpu().numpy())  # [3, H, W] -> uint8
 
@@ -226,9 +79,8 @@ def bicubic_upscale(lr, hr, out_size, generator=None) -> torch.Tensor:
 def reconstruct(autoencoder: nn.Module, lr, hr, out_size, generator=None) -> torch.Tensor:
     """Stage-1 reconstruction `decode(mode(encode(hr, lr)), lr, out_size)`, [0, 1] in and out."""
     lr, hr = lr * 2 - 1, hr * 2 - 1
-    return (
-        autoencoder.decode(autoencoder.encode(hr, lr).mode(), lr, out_size).clamp(-1, 1) + 1
-    ) / 2
+    sr = autoencoder.decode(autoencoder.encode(hr, lr).mode(), lr, out_size)  # [-1, 1]
+    return (sr.clamp(-1, 1) + 1) / 2
 
 
 def _sr(model, lr, hr, out_size, generator):
@@ -374,9 +226,9 @@ class _Run:
 def _run_batches(items, scale: float, dirs: dict, run: _Run) -> tuple[list[dict], dict]:
     """Every batch through every method -> per-image rows, {method: [seconds, peak MiB]}."""
     rows, totals = [], {m.name: [0.0, 0.0] for m in run.methods}
-    batches = make_batches(items, run.batch_size)
+    batches = test_pairs.make_batches(items, run.batch_size)
     for index, batch in enumerate(tqdm(batches, desc=f"x{scale:g}", unit="batch", leave=False)):
-        lr, hr = load_batch(batch, run.datatype)
+        lr, hr = test_pairs.load_batch(batch, run.datatype)
         _save(hr, batch, dirs["hr"])
         inputs = (lr.to(run.device), hr.to(run.device) if hr is not None else None, batch[0].out_hw)
         for method in run.methods:
@@ -398,21 +250,28 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _fid(sr_dir: Path | None, hr_dir: Path | None, items, run: _Run) -> float | None:
+def _fid_scorer(hr_dir: Path | None, items: Sequence[Item], run: _Run) -> Callable:
+    """`sr_dir -> FID against hr_dir` (None without HR, for < 2 images or a failed fit); the HR
+    statistics are computed at the first call and reused for every method of the scale."""
     count = len(items)
-    if hr_dir is None:
-        return None
-    if count < 2:
-        log.warning("FID skipped for %s: it needs at least 2 images, got %d", sr_dir, count)
-        return None
-    try:
-        model, dims = run.metrics.inception, run.metrics.fid_dims
-        # pytorch-fid stacks images unresized: batches of 1 unless all have one size.
-        batch_size = min(50, count) if len({i.out_hw for i in items}) == 1 else 1
-        return fid_from_folders(sr_dir, hr_dir, model, batch_size, run.device, dims)
-    except ValueError as err:  # e.g. pytorch-fid's "Imaginary component" for tiny sets
-        log.warning("FID of %s not computed: %s", sr_dir, err)
-        return None
+    # pytorch-fid stacks images unresized: batches of 1 unless all have one size.
+    batch_size = min(50, count) if len({i.out_hw for i in items}) == 1 else 1
+    options = (run.metrics.inception, batch_size, run.device, run.metrics.fid_dims)
+    hr_statistics = cache(partial(fid_statistics, hr_dir, *options))
+
+    def score(sr_dir: Path | None) -> float | None:
+        if hr_dir is None:
+            return None
+        if count < 2:
+            log.warning("FID skipped for %s: it needs at least 2 images, got %d", sr_dir, count)
+            return None
+        try:
+            return frechet_distance(fid_statistics(sr_dir, *options), hr_statistics())
+        except ValueError as err:  # e.g. pytorch-fid's "Imaginary component" for tiny sets
+            log.warning("FID of %s not computed: %s", sr_dir, err)
+            return None
+
+    return score
 
 
 def _evaluate_scale(source: Source, scale: float, out_dir: Path, run: _Run, overwrite: bool):
@@ -423,8 +282,8 @@ def _evaluate_scale(source: Source, scale: float, out_dir: Path, run: _Run, over
             raise EvaluationError(f"{scale_dir} holds earlier results; pass --overwrite")
         log.info("--overwrite: replacing %s", scale_dir)
         shutil.rmtree(scale_dir)
-    items, failed = plan_items(source, run.datatype, scale, run.min_side)
-    fid = "fid" in run.metrics.names and run.datatype in REFERENCE_DATATYPES
+    items, failed = test_pairs.plan_items(source, run.datatype, scale, run.min_side)
+    fid = "fid" in run.metrics.names and run.datatype in test_pairs.REFERENCE_DATATYPES
     dirs = {"hr": scale_dir / "hr" if fid else None}  # FID reads folders; removed afterwards
     for m in run.methods:
         dirs[m.name] = scale_dir / m.folder if run.save_images or fid else None
@@ -432,14 +291,14 @@ def _evaluate_scale(source: Source, scale: float, out_dir: Path, run: _Run, over
         folder.mkdir(parents=True)
     with torch.inference_mode():
         rows, totals = _run_batches(items, scale, dirs, run)
-    summary = []
+    summary, score_fid = [], _fid_scorer(dirs["hr"], items, run)
     for method in run.methods:
         mine, (seconds, peak) = [r for r in rows if r["method"] == method.name], totals[method.name]
         n = len(mine)
         summary.append({
             "method": method.name, "dataset": source.name, "scale": scale,
             **{k: _mean(mine, k) for k in ("psnr", "ssim", "lpips")},
-            "fid": _fid(dirs[method.name], dirs["hr"], items if n else [], run),
+            "fid": score_fid(dirs[method.name]),
             "runtime_s_per_image": seconds / n if n else None, "peak_memory_mib": peak or None,
             "memory": memory_kind(run.device), "images": n, "failed": len(failed),
             "datatype": run.datatype,
@@ -477,12 +336,12 @@ def evaluate(
     `torch.Generator().manual_seed(seed + b)`; batches hold images of equal size only.
     `overwrite` replaces an earlier `<dataset>/x<s>` folder instead of refusing.
     """
-    source = images if isinstance(images, Source) else source_from_folder(images)
+    source = images if isinstance(images, Source) else test_pairs.source_from_folder(images)
     datatype = parse_datatype(datatype)
-    if not hasattr(model, "super_resolve") and datatype not in REFERENCE_DATATYPES:
+    if not hasattr(model, "super_resolve") and datatype not in test_pairs.REFERENCE_DATATYPES:
         raise EvaluationError("stage-1 reconstructions need HR: use hr-downsample or paired data")
     if metrics is None:
-        metrics = Metrics(("psnr", "ssim") if datatype in REFERENCE_DATATYPES else ())
+        metrics = Metrics(("psnr", "ssim") if datatype in test_pairs.REFERENCE_DATATYPES else ())
     methods, device = build_methods(model, sr_kd, bicubic), next(model.parameters()).device
     options = (datatype, seed, batch_size, test_y, save_images, device, min_output_side(model))
     run = _Run(methods, metrics, *options)

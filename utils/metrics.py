@@ -24,6 +24,8 @@ from torch import nn
 
 from utils.weights import build_inception
 
+FIDStatistics = tuple[np.ndarray, np.ndarray]  # (mu [dims], sigma [dims, dims]), float64
+
 
 def crop_border_for(scale: float) -> int:
     """Border crop of the paper protocol: ``ceil(scale)`` pixels."""
@@ -151,6 +153,39 @@ def _check_image_folder(folder: str | os.PathLike) -> str:
     return str(path)
 
 
+def fid_statistics(
+    folder: str | os.PathLike,
+    model: nn.Module | None = None,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    dims: int = 2048,
+    num_workers: int = 0,
+) -> FIDStatistics:
+    """Gaussian fit of a folder's Inception features (pytorch-fid's ``compute_statistics_of_path``).
+
+    Compute it once for a reference folder and pass it to ``frechet_distance`` with each folder
+    compared against it.
+
+    Args:
+        folder: folder of images (pytorch-fid's extensions, read as RGB in [0, 1]).
+        model: pytorch-fid ``InceptionV3`` returning the ``dims``-d block; default
+            ``utils.weights.build_inception(dims)`` (2048-d pool3 with the TF-Inception weights).
+        batch_size, device, dims, num_workers: as in pytorch-fid.
+
+    Returns:
+        ``(mu, sigma)``: float64 mean [dims] and covariance [dims, dims] of the features.
+    """
+    path = _check_image_folder(folder)
+    model = (build_inception(dims) if model is None else model).to(device)
+    return compute_statistics_of_path(path, model, batch_size, dims, device, num_workers)
+
+
+def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
+    """FID of two ``fid_statistics`` fits (pytorch-fid's ``calculate_frechet_distance``):
+    ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``."""
+    return float(calculate_frechet_distance(*stats_a, *stats_b))
+
+
 def fid_from_folders(
     sr_dir: str | os.PathLike,
     hr_dir: str | os.PathLike,
@@ -163,17 +198,13 @@ def fid_from_folders(
     """FID between two image folders with pytorch-fid (= ``calculate_fid_given_paths``).
 
     Args:
-        sr_dir, hr_dir: folders of images (pytorch-fid's extensions, read as RGB in [0, 1]).
-        model: pytorch-fid ``InceptionV3`` returning the ``dims``-d block; default
-            ``utils.weights.build_inception(dims)`` (2048-d pool3 with the TF-Inception weights).
-        batch_size, device, dims, num_workers: as in pytorch-fid.
+        sr_dir, hr_dir: folders of images; see ``fid_statistics`` for them and the other arguments.
 
     Returns:
         The Frechet distance between the Gaussian fits of the two folders' features.
     """
-    paths = [_check_image_folder(p) for p in (sr_dir, hr_dir)]
+    for folder in (sr_dir, hr_dir):  # both checked before any Inception work
+        _check_image_folder(folder)
     model = (build_inception(dims) if model is None else model).to(device)
-    (m1, s1), (m2, s2) = (
-        compute_statistics_of_path(p, model, batch_size, dims, device, num_workers) for p in paths
-    )
-    return float(calculate_frechet_distance(m1, s1, m2, s2))
+    options = (model, batch_size, device, dims, num_workers)
+    return frechet_distance(fid_statistics(sr_dir, *options), fid_statistics(hr_dir, *options))
