@@ -25,6 +25,7 @@ from utils.training import (
     build_loggers,
     make_run_dir,
     resolve_resume,
+    resolve_strategy,
     save_config,
     set_learning_rate,
 )
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(args.seed, workers=True)
     model = instantiate_from_config(config.model)
     data = instantiate_from_config(config.data)
+    resolve_strategy(trainer_cfg, model)
     # DDP ranks started by Lightning inherit the folder rank 0 made (RUN_DIR_ENV, set below).
     run_dir = run_dir or args.run_dir or os.environ.get(RUN_DIR_ENV)
     run_dir = (
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = pl.Trainer(
         **trainer_cfg,
         default_root_dir=str(run_dir),
-        logger=build_loggers(run_dir),
+        logger=build_loggers(run_dir, resumed=ckpt_path is not None),
         callbacks=build_callbacks(config, run_dir),
         plugins=[AtomicCheckpointIO()],
     )

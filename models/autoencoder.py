@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 from ldm.distributions import DiagonalGaussianDistribution
 from models.guard import NonFiniteLossGuard
 from utils.checkpoint import load_weights
-from utils.config import instantiate_from_config
+from utils.config import instantiate_from_config, to_plain
 from utils.metrics import psnr
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class AutoencoderKL(pl.LightningModule):
         encoder_input: str = "hr_lr",
     ):
         super().__init__()
+        encoder_config, decoder_config = to_plain(encoder_config), to_plain(decoder_config)
+        lossconfig, ignore_keys = to_plain(lossconfig), list(to_plain(ignore_keys))
         self.save_hyperparameters()
         self.automatic_optimization = False
         # Attribute names are the authors' (checkpoint keys `encoder.*`, `quant_conv.*`, ...).

@@ -12,14 +12,13 @@ from contextlib import contextmanager
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.diffusion import GaussianDiffusion
 from ldm.ema import LitEma
 from models.guard import NonFiniteLossGuard
 from utils.checkpoint import load_weights
-from utils.config import ConfigError, instantiate_from_config
+from utils.config import ConfigError, instantiate_from_config, to_plain
 from utils.metrics import psnr, ssim
 
 
@@ -69,7 +68,11 @@ class LDCSR(pl.LightningModule):
         max_skipped_batches: int = 20,
     ):
         super().__init__()
-        first_stage_config = _plain(first_stage_config)
+        first_stage_config, cond_stage_config = (
+            to_plain(first_stage_config),
+            to_plain(cond_stage_config),
+        )
+        unet_config = to_plain(unet_config)
         self.save_hyperparameters()
         fs_params = dict(first_stage_config.get("params") or {})
         fs_ckpt = fs_params.pop("ckpt_path", None)
@@ -92,6 +95,7 @@ class LDCSR(pl.LightningModule):
         self.scale_by_std = scale_by_std
         self.l_kd_weight = l_kd_weight
         self.guard = NonFiniteLossGuard(max_skipped_batches)
+        self._skip_ema = False
         self.learning_rate = 1.0e-5 * 8  # the paper's rate at batch 8; train.py sets the real one
         if ckpt_path:
             load_weights(self, ckpt_path)
@@ -201,14 +205,15 @@ class LDCSR(pl.LightningModule):
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor | None:
         losses = self.training_losses(batch)
-        if not self.guard.ok(self, losses["loss"]):
+        self._skip_ema = not self.guard.ok(self, losses["loss"])
+        if self._skip_ema:
             return None  # Lightning skips backward and the optimiser step
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
         self.log("train/scale", float(batch["scale"][0]))
         return losses["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if outputs is not None:  # skipped batches leave the EMA untouched too
+        if not self._skip_ema:  # skipped batches leave the EMA untouched too
             self.model_ema(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -235,10 +240,3 @@ class LDCSR(pl.LightningModule):
         super().train(mode)
         self.first_stage_model.eval()
         return self
-
-
-def _plain(config) -> dict:
-    """DictConfig (with `???` left as is) -> plain dict."""
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
-    return dict(config)

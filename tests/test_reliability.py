@@ -215,6 +215,10 @@ def test_ddp_two_processes_on_cpu(tmp_path, stage, stage1_run, image_dir):  # no
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for key, value in rank0.items():
+        if "running_" in key or "num_batches_tracked" in key:
+            # The discriminator's BatchNorm statistics are per-rank batch statistics (used only
+            # by the validation-time GAN loss); lightning.trainer.sync_batchnorm=true syncs them.
+            continue
         assert torch.equal(value, rank1[key]), f"ranks disagree on {key}"
     (run,) = (tmp_path / "logs").glob("*/*")
     assert [p.name for p in (run / "checkpoints").iterdir()].count("last.ckpt") == 1

@@ -158,3 +158,16 @@ def translate_authors_config(config: Any) -> dict:
         model["params"] = params
         config["model"] = model
     return config
+
+
+def to_plain(config: Any) -> Any:
+    """OmegaConf node -> plain dict/list (`???` kept as a string); anything else unchanged.
+
+    LightningModules store their config arguments this way, so checkpoints hold only plain types
+    and load with `torch.load(weights_only=True)`.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(config, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
+    return config

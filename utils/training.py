@@ -57,10 +57,15 @@ def save_config(config: Any, run_dir: Path, stem: str) -> Path:
     return out
 
 
-def build_loggers(run_dir: Path) -> list:
+def build_loggers(run_dir: Path, resumed: bool = False) -> list:
+    """TensorBoard (appends across resumes) and CSV logs; a resumed run gets its own CSV folder
+    (`csv_resumed_<timestamp>`), since the CSV logger rewrites the folder it is given."""
+    csv_version = "csv"
+    if resumed:
+        csv_version = f"csv_resumed_{datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}"
     return [
         TensorBoardLogger(str(run_dir), name="", version="tensorboard"),
-        CSVLogger(str(run_dir), name="", version="csv"),
+        CSVLogger(str(run_dir), name="", version=csv_version),
     ]
 
 
@@ -122,9 +127,11 @@ class RNGStateInCheckpoint(Callback):
     crops, scales' noise and posterior samples as an uninterrupted one."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Tensors and plain Python types only, so the checkpoint loads with weights_only=True.
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_states"] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -134,7 +141,8 @@ class RNGStateInCheckpoint(Callback):
         if not states:
             return
         random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
@@ -160,6 +168,14 @@ class SaveOnInterrupt(Callback):
             trainer.global_step,
             self.path.parent.parent,
         )
+
+
+def resolve_strategy(trainer_cfg: Any, model: pl.LightningModule) -> None:
+    """`strategy: ddp` for a manually optimised GAN (stage 1) becomes DDP with unused-parameter
+    detection: its discriminator step leaves the autoencoder without gradients, which plain DDP
+    rejects. Other strategies pass through unchanged."""
+    if trainer_cfg.get("strategy") == "ddp" and not model.automatic_optimization:
+        trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"
 
 
 def set_learning_rate(model: pl.LightningModule, config: Any, trainer: pl.Trainer) -> float:
