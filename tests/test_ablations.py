@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, randomize_zero_init, tiny_config
 from utils.config import instantiate_from_config
 
 ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
@@ -27,12 +27,8 @@ def _build(stage: int, overlay: Path | None = None, seed: int = 0):
         config = OmegaConf.merge(config, OmegaConf.load(overlay))
     torch.manual_seed(seed)
     model = instantiate_from_config(config.model)
-    if stage == 2:  # zero-initialised UNet convs hide the embeddings' effect: give them weights
-        with torch.no_grad():
-            for name, param in model.model.named_parameters():
-                if param.dim() > 1 and not param.any():
-                    torch.nn.init.normal_(param, std=0.02)
-                    getattr(model.model_ema, model.model_ema.m_name2s_name[name]).copy_(param)
+    if stage == 2:  # zero-initialised UNet convs would hide the embeddings' effect
+        randomize_zero_init(model)
     return model
 
 

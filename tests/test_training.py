@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import train
-from tests.conftest import tiny_config
+from tests.conftest import randomize_zero_init, tiny_config
 from utils.config import ConfigError, instantiate_from_config
 
 
@@ -94,6 +94,7 @@ def test_unknown_override_key_names_it(tmp_path):
 def test_gradient_reaches_unet_and_condition_encoder_through_all_steps():
     torch.manual_seed(0)
     model = instantiate_from_config(tiny_config(2).model)
+    randomize_zero_init(model)  # a fresh UNet's zero output conv passes no gradient inward
     unet = model.model.diffusion_model
     outputs = []
     unet.register_forward_hook(lambda m, args, out: outputs.append(out))
