@@ -1,0 +1,231 @@
+"""Speed and memory of LDCSR super-resolution: our inference path vs the straightforward one.
+
+    python benchmarks/speed.py                         # CPU, x2 x4 x8 to 600x600, paper config
+    python benchmarks/speed.py --scales 4 --repeats 3 --threads 1
+    python benchmarks/speed.py --device cuda --repeats 5 --precision bf16
+
+One LR image per scale (random content; the paper config with random weights, which does not change
+the work done), LR = int(600 / s), output 600x600, seed 0, run on the same machine in one process:
+
+  reference+extras  `LDCSR.super_resolve`'s network as ARCHITECTURE.md describes it (fp32, NCHW,
+                    no_grad) plus the authors' test-time extras: the HR encoding and two more
+                    decodes (the reconstruction and the condition, "sr_kd");
+  reference         `LDCSR.super_resolve` alone;
+  ours              `models.inference.SceneSuperResolver` (inference_mode, channels-last, the
+                    upsampler's fusion MLP as matrix products, the 8x level folded at x4), untiled.
+
+Printed: seconds per image (median of --repeats, after a warm-up on a 4x smaller image), peak
+memory during the call (CUDA: max allocated; CPU: peak RSS sampled every millisecond, and its rise
+over the RSS before the call), speed-ups, max |ours - reference| on the [0, 1] output, model FLOPs
+(`torch.utils.flop_counter.FlopCounterMode` on meta tensors) and the achieved fraction of this
+machine's fp32 matrix-multiply rate (a 4096^3 `torch.mm` timed in the same run). The load average
+is printed too: the numbers are only comparable on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.inference import SceneSuperResolver  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
+from utils.config import instantiate_from_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = parser.add_argument
+    add("--config", default=str(ROOT / "configs" / "second_stage_van_v4.yaml"), help="model YAML")
+    add("--scales", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="SR factors")
+    add("--size", type=int, default=600, help="output side in pixels")
+    add("--repeats", type=int, default=1, help="timed runs per method and scale (median)")
+    add("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
+    add("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    add("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="ours only")
+    add("--methods", nargs="+", default=["ours", "reference", "reference+extras"], help="subset")
+    return parser
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA max allocated, or the process RSS sampled every 1 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.base = device, 0, 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+
+def reference_extras(model, lr: torch.Tensor, hr: torch.Tensor, out_size, generator):
+    """The authors' test step: SR, plus HR encoding and decodes of the reconstruction and of the
+    condition (their `sr_kd`), the condition computed once. Returns the SR in [0, 1]."""
+    with torch.no_grad(), model.ema_scope():
+        lr_m, hr_m = lr * 2 - 1, hr * 2 - 1
+        cond = model.encode_condition(lr_m, out_size)
+        z0 = model.sample_latent(lr_m, out_size, generator=generator, cond=cond)
+        sr = model.decode_latent(z0, lr_m, out_size)
+        posterior = model.first_stage_model.encode(hr_m, lr_m)
+        model.first_stage_model.decode(posterior.sample(), lr_m, out_size)  # reconstruction
+        model.decode_latent(cond, lr_m, out_size)  # sr_kd
+    return (sr + 1) / 2
+
+
+def methods(reference_model, our_model, precision: str) -> dict:
+    ours = SceneSuperResolver(our_model, precision=precision)
+    return {
+        "ours": lambda lr, hr, size, g: ours(lr, size, generator=g),
+        "reference": lambda lr, hr, size, g: reference_model.super_resolve(lr, size, generator=g),
+        "reference+extras": lambda lr, hr, size, g: reference_extras(
+            reference_model, lr, hr, size, g
+        ),
+    }
+
+
+def count_flops(model, names, lr_size, size) -> dict[str, float]:
+    """FLOPs of each method on meta tensors (no compute)."""
+    meta = copy.deepcopy(model).to("meta")
+    runs = methods(meta, copy.deepcopy(meta), "fp32")
+    lr, hr = (
+        torch.empty(1, 3, *lr_size, device="meta"),
+        torch.empty(1, 3, size, size, device="meta"),
+    )
+    flops = {}
+    for name in names:
+        with FlopCounterMode(display=False) as counter:
+            runs[name](lr, hr, (size, size), torch.Generator().manual_seed(0))
+        flops[name] = counter.get_total_flops()
+    return flops
+
+
+def gemm_rate(device: torch.device, n: int = 4096) -> float:
+    """fp32 torch.mm FLOP/s (best of 3)."""
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_method(run, lr, hr, size, device, repeats: int):
+    """(median seconds, (peak, base) bytes, output) of `repeats` runs, after a warm-up run on a
+    4x smaller image (library initialisation; per-shape kernel set-up stays in the timing)."""
+    small = torch.nn.functional.interpolate(lr, scale_factor=0.25)
+    run(small, hr[..., ::4, ::4], (size // 4, size // 4), torch.Generator().manual_seed(0))
+    times, peaks, out = [], [], None
+    for _ in range(repeats):
+        with PeakMemory(device) as mem:
+            start = time.perf_counter()
+            out = run(lr, hr, (size, size), torch.Generator().manual_seed(0))
+            sync(device)
+            times.append(time.perf_counter() - start)
+        peaks.append((mem.peak, mem.base))
+    return statistics.median(times), max(peaks), out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(args.config).model).eval()
+    ours_model = copy.deepcopy(model).to(device)  # converted to channels-last by ours
+    model = model.to(device)
+    runs = {
+        k: v for k, v in methods(model, ours_model, args.precision).items() if k in args.methods
+    }
+    rate = gemm_rate(device)
+    print(f"device {device}, threads {torch.get_num_threads()}, load {os.getloadavg()}, "
+          f"fp32 GEMM {rate / 1e9:.1f} GFLOP/s, config {Path(args.config).name}")  # fmt: skip
+    rows = []
+    for scale in args.scales:
+        lr_size = (int(args.size / scale),) * 2
+        g = torch.Generator().manual_seed(1)
+        lr = torch.rand(1, 3, *lr_size, generator=g).to(device)
+        hr = torch.rand(1, 3, args.size, args.size, generator=g).to(device)
+        flops = count_flops(model, list(runs), lr_size, args.size)
+        outs = {}
+        for name, run in runs.items():
+            seconds, (peak, base), outs[name] = time_method(
+                run, lr, hr, args.size, device, args.repeats
+            )
+            rows.append((scale, name, seconds, peak, base, flops[name]))
+            print(f"x{scale:g} {name}: {seconds:.2f} s", flush=True)
+        if "ours" in outs and "reference" in outs:
+            diff = (outs["ours"].float() - outs["reference"].float()).abs().max().item()
+            print(f"x{scale:g} max |ours - reference| = {diff:.2e}")
+    print(table(rows, rate, device))
+    print(f"load average at the end {os.getloadavg()}")
+
+
+def table(rows, rate: float, device: torch.device) -> str:
+    memory = "max allocated" if device.type == "cuda" else "peak RSS (rise)"
+    lines = [
+        f"| scale | method | s/image | speed-up of ours | {memory} GB | GFLOP | % of GEMM rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ours = {scale: seconds for scale, name, seconds, *_ in rows if name == "ours"}
+    for scale, name, seconds, peak, base, flops in rows:
+        speedup = f"{seconds / ours[scale]:.2f}x" if scale in ours else "-"
+        mem = f"{peak / 2**30:.2f}" + (f" (+{(peak - base) / 2**30:.2f})" if base else "")
+        achieved = 100 * flops / seconds / rate
+        lines.append(
+            f"| x{scale:g} | {name} | {seconds:.2f} | {speedup} | {mem} | {flops / 1e9:.0f} "
+            f"| {achieved:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

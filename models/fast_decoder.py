@@ -1,0 +1,96 @@
+"""Fast evaluation of the GAP decoder's SR branch and upsampler (§2), same math as `ldm/`.
+
+`fast_fru` runs an FRU without its n*nf-channel concat (the 1x1 fusion is summed module by
+module) and with contiguous IMD splits (channels-last convs on a channel slice fall back to a slow
+kernel); `shuffle_average` folds PixelShuffle(2) + an exact 2:1 bilinear resize into one conv;
+`fuse_levels` runs the upsampler's 1x1 MLP as matrix products on chunks of pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fast_fru(fru, x: torch.Tensor) -> torch.Tensor:
+    """`FRU.forward` (same math): the 1x1 fusion of the n concatenated IMD outputs is summed
+    module by module (no n*nf-channel concat), and the IMD channel splits are made contiguous."""
+    weight, nf, fused = fru.c[0].weight, x.shape[1], None
+    h = x
+    for j, imd in enumerate(fru.IMDB):
+        h = _imd(imd, h)
+        part = F.conv2d(
+            h, _like(weight[:, j * nf : (j + 1) * nf], h), fru.c[0].bias if j == 0 else None
+        )
+        fused = part if fused is None else fused.add_(part)
+    return fru.LR_conv(fru.c[1](fused)) + x
+
+
+def _imd(imd, x: torch.Tensor) -> torch.Tensor:
+    """`IMDModule.forward` with contiguous splits (a channels-last channel slice would send the
+    next conv to PyTorch's slow fallback)."""
+    split = (imd.distilled, imd.remaining)
+    d1, r = torch.split(imd.act(imd.c1(x)), split, dim=1)
+    d2, r = torch.split(imd.act(imd.c2(_like(r, x))), split, dim=1)
+    d3, r = torch.split(imd.act(imd.c3(_like(r, x))), split, dim=1)
+    out = torch.cat([d1, d2, d3, imd.c4(_like(r, x))], dim=1)  # [B, 4d, h, w]
+    return imd.c5(imd.cca(out)) + x
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous in the memory format of `x`."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def shuffle_average(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Average pool 2x2 of PixelShuffle(2)(conv(x)) as one conv: the 4 sub-pixel filters of each
+    output channel averaged ([4C, ...] -> [C, ...])."""
+    weight = conv.weight.view(-1, 4, *conv.weight.shape[1:]).mean(1)
+    bias = conv.bias.view(-1, 4).mean(1)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+def fuse_levels(
+    fuse, levels: list[torch.Tensor], gates: torch.Tensor, dtype=None, chunk_pixels: int = 1 << 16
+) -> torch.Tensor:
+    """`fuse(cat_l(gate_l * level_l))` of the upsampler, channels last.
+
+    Args:
+        fuse: the upsampler's 1x1-conv MLP (`nn.Sequential` of Conv2d and ReLU).
+        levels: L tensors [B, rows, cols, nf] (the resized pyramid levels).
+        gates: [L] level weights, folded into the first conv's weight.
+        dtype: compute dtype of the matrix products (default float32).
+        chunk_pixels: pixels per matrix product; two buffers are reused across chunks
+            (fresh large allocations cost page faults).
+
+    Returns:
+        [B, rows, cols, out_channels] float32.
+    """
+    convs = [m for m in fuse if isinstance(m, nn.Conv2d)]
+    dtype = dtype or torch.float32
+    nf = levels[0].shape[-1]
+    first = convs[0].weight.flatten(1).view(-1, len(levels), nf) * gates[None, :, None]
+    layers = [(first.flatten(1), convs[0].bias)]
+    layers += [(c.weight.flatten(1), c.bias) for c in convs[1:]]
+    layers = [(w.t().to(dtype), b.to(dtype)) for w, b in layers]  # [in, out], [out]
+    b, rows, cols = levels[0].shape[:3]
+    out = torch.empty(b, rows, cols, convs[-1].out_channels, device=levels[0].device)
+    step = max(1, chunk_pixels // cols)
+    size = b * min(step, rows) * cols * max(w.shape[0] for w, _ in layers)
+    bufs = [torch.empty(size, dtype=dtype, device=levels[0].device) for _ in range(2)]
+    for r in range(0, rows, step):
+        chunk = [t[:, r : r + step] for t in levels]
+        m = chunk[0].shape[0] * chunk[0].shape[1] * cols  # pixels in the chunk
+        hid = bufs[0][: m * len(levels) * nf].view(*chunk[0].shape[:3], -1)
+        hid = torch.cat(chunk, dim=-1, out=hid).view(m, -1)  # [pixels, L * nf]
+        for i, (weight, bias) in enumerate(layers[:-1]):
+            dst = bufs[(i + 1) % 2][: m * weight.shape[1]].view(m, -1)
+            hid = torch.addmm(bias, hid.relu_() if i else hid, weight, out=dst)
+        weight, bias = layers[-1]
+        hid = torch.addmm(bias, hid.relu_(), weight)  # [pixels, out_ch]
+        out[:, r : r + step] = hid.view(b, -1, cols, hid.shape[-1]).float()
+    return out

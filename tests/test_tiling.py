@@ -1,0 +1,227 @@
+"""Tiled whole-scene inference: window geometry, exact crop resampling, shared statistics, the
+fast path (equal to LDCSR.super_resolve) and seamless tiles on holdout images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.blocks import ContrastChannelAttention
+from models.fast_decoder import fast_fru, shuffle_average
+from models.inference import Geometry, SceneSuperResolver
+from tests.conftest import shared_path, tiny_config
+from utils.config import instantiate_from_config
+from utils.image_io import load_image, to_tensor01
+from utils.scene_stats import SceneStatistics
+from utils.tiling import axis_map, axis_weights, resize_window, split_axis, tile_grid
+
+
+def lively(model, seed: int = 0):
+    """Random weights under which every part of LDCSR matters: He-scaled convolutions (the
+    zero-initialised UNet outputs included) with damped residual branches, so activations stay
+    O(1), eps ~ N(0, 1) and the upsampler adds ~0.2 of structure to the bicubic image. With
+    PyTorch's default init the upsampler's output is nearly constant and a random UNet outputs
+    zeros, which would hide any tiling error."""
+    g = torch.Generator().manual_seed(seed)
+    damped = ("c5", "LR_conv", "conv2", "out_layers.3", "proj_out")
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+                gain = 0.3 if name.endswith(damped) else 1.0
+                std = gain * (2.0 / mod.weight[0].numel()) ** 0.5
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.05)
+        model.first_stage_model.decoder.upsampler.fuse[-1].weight.mul_(0.01)
+        shadow = dict(model.model_ema.named_buffers())
+        for name, p in model.model.named_parameters():  # EMA weights = these weights
+            shadow[model.model_ema.m_name2s_name[name]].copy_(p)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors: one thread avoids OpenMP synchronisation (slow on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return lively(instantiate_from_config(tiny_config(2).model))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / (a - b).pow(2).mean()))
+
+
+# ------------------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize(
+    "length,tile,overlap,align", [(100, 32, 8, 1), (75, 16, 8, 8), (9, 4, 2, 1)]
+)
+def test_split_axis_covers_with_aligned_overlapping_windows(length, tile, overlap, align):
+    windows = split_axis(length, tile, overlap, align)
+    assert windows[0][0] == 0 and windows[-1][1] == length
+    for (a0, b0), (a1, b1) in zip(windows, windows[1:]):
+        assert a1 % align == 0 and a0 < a1 and b0 - a1 >= overlap and b1 > b0
+    assert all(tile <= b - a < tile + align for a, b in windows)
+
+
+def test_split_axis_single_window_and_errors():
+    assert split_axis(10, 0, 0) == [(0, 10)] and split_axis(10, 16, 4) == [(0, 10)]
+    with pytest.raises(ValueError, match="multiples"):
+        split_axis(100, 32, 20)
+
+
+def test_blend_weights_are_a_smooth_partition_of_unity():
+    windows = split_axis(100, 32, 12)
+    total = torch.zeros(100, dtype=torch.float64)
+    for (a, b), w in zip(windows, axis_weights(windows, 100)):
+        total[a:b] += w
+        assert (w > 0).all() and (w.diff().abs() < 0.2).all()  # no jump inside a window
+    assert torch.allclose(total, torch.ones(100, dtype=torch.float64))
+    grid = tile_grid((50, 70), (32, 32), (8, 8))
+    weight = torch.zeros(50, 70)
+    for win in grid:
+        weight[win.slices] += win.weight(weight)[0, 0]
+    assert torch.allclose(weight, torch.ones(50, 70))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("n_in,n_out", [(37, 130), (150, 600), (1200, 600), (20, 9), (75, 75)])
+def test_resize_window_equals_a_window_of_the_global_resize(mode, n_in, n_out):
+    x = torch.randn(1, 2, n_in, n_in + 3)
+    corners = None if mode == "nearest" else False
+    full = F.interpolate(x, size=(n_out, n_out + 5), mode=mode, align_corners=corners)
+    rows, cols = (n_out // 3, n_out - 2), (1, n_out // 2)
+    maps = (axis_map(n_in, n_out, mode, *rows), axis_map(n_in + 3, n_out + 5, mode, *cols))
+    (a, b), (c, d) = maps[0].span, maps[1].span
+    crop = x[..., max(0, a - 2) : b + 1, max(0, c - 1) : d]
+    out = resize_window(crop, maps, (max(0, a - 2), max(0, c - 1)))
+    assert (out - full[..., slice(*rows), slice(*cols)]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="misses"):
+        resize_window(x[..., a + 1 :, :], maps, (a + 1, 0))
+
+
+# ----------------------------------------------------------------------------- shared statistics
+def test_scene_statistics_replay_the_whole_input_statistics_on_crops():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), nn.GroupNorm(8, 32), ContrastChannelAttention(32))
+    x = torch.randn(2, 3, 40, 30) * torch.linspace(0.2, 3, 40)[:, None]  # non-stationary
+    stats = SceneStatistics([net])
+    with torch.no_grad(), stats.collect():
+        full = net(x)
+    with torch.no_grad(), stats.apply():
+        crop = net(x[..., 5:25, 10:30])  # pointwise layers: the crop of the full output
+    assert (crop - full[..., 5:25, 10:30]).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (net(x[..., 5:25, 10:30]) - full[..., 5:25, 10:30]).abs().max() > 1e-2
+    assert "forward" not in net[1].__dict__  # the layers are restored
+
+
+# ------------------------------------------------------------------------------------ fast path
+CASES = {  # LR size -> output size: x4 (folded 8x level), non-integer + asymmetric, x8
+    "x4": ((16, 20), (64, 80)),
+    "x2.8,x4.2": ((13, 17), (37, 71)),
+    "x8": ((12, 12), (96, 96)),
+}
+
+
+@pytest.fixture(scope="module")
+def references(model):
+    """LDCSR.super_resolve (the straightforward path) on each case, seed 3."""
+    out = {}
+    for name, (lr_size, out_size) in CASES.items():
+        lr = torch.rand(1, 3, *lr_size, generator=torch.Generator().manual_seed(0))
+        out[name] = (
+            lr,
+            model.super_resolve(lr, out_size, generator=torch.Generator().manual_seed(3)),
+        )
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_path_equals_super_resolve(model, references, case):
+    lr, ref = references[case]
+    for channels_last in (False, True):
+        resolver = SceneSuperResolver(model, channels_last=channels_last)
+        sr = resolver(lr, CASES[case][1], generator=torch.Generator().manual_seed(3))
+        assert sr.shape == ref.shape and (sr - ref).abs().max() <= 1e-4
+
+
+def test_fast_decoder_pieces_equal_the_modules(model):
+    dec = model.first_stage_model.decoder
+    x = torch.randn(2, 32, 12, 14)
+    with torch.no_grad():
+        assert (fast_fru(dec.FRUList[0], x) - dec.FRUList[0](x)).abs().max() < 1e-4
+        up = dec.upsampler.UPNet_x2_list[2]
+        pooled = F.interpolate(up(x), size=(12, 14), mode="bilinear", align_corners=False)
+        assert (shuffle_average(up[0], x) - pooled).abs().max() < 1e-5
+
+
+def test_one_tile_and_row_blocks_change_nothing(model):
+    lr = torch.rand(2, 3, 20, 26)
+    ref = SceneSuperResolver(model)(lr, (80, 104), generator=torch.Generator().manual_seed(1))
+    resolver = SceneSuperResolver(model, tile=32, chunk_pixels=300, resize_pixels=1000)
+    sr = resolver(lr, (80, 104), generator=torch.Generator().manual_seed(1))
+    assert (sr - ref).abs().max() <= 1e-5
+
+
+def test_bf16_autocast_runs_close_to_fp32(model):
+    lr = torch.rand(1, 3, 16, 20)
+    ref = SceneSuperResolver(model)(lr, (64, 80), generator=torch.Generator().manual_seed(0))
+    sr = SceneSuperResolver(model, precision="bf16")(
+        lr, (64, 80), generator=torch.Generator().manual_seed(0)
+    )
+    assert sr.dtype == torch.float32 and psnr(sr, ref) > 25
+
+
+# --------------------------------------------------------------------------------------- tiling
+def test_tiles_agree_with_the_untiled_run_on_a_holdout_image(model):
+    """Tiles much smaller than the image, same seed: >= 45 dB to the untiled output (4x4 LR
+    tiles of 16 px on 48 px, 2x2 condition tiles); per-tile statistics do much worse."""
+    hr = to_tensor01(load_image(shared_path("data", "holdout", "airplane00.tif")))[None]
+    lr = F.interpolate(hr, size=(48, 48), mode="bicubic", antialias=True).clamp(0, 1)
+    g = torch.Generator
+    ref = SceneSuperResolver(model)(lr, (192, 192), generator=g().manual_seed(5))
+    tiles = dict(tile=16, overlap=4, context=4, condition_tile=16, latent_overlap=8)
+    sr = SceneSuperResolver(model, **tiles)(lr, (192, 192), generator=g().manual_seed(5))
+    assert psnr(sr, ref) >= 45  # measured 75 dB
+    own = SceneSuperResolver(model, **tiles, stats_pixels=0)  # measured 56 dB
+    assert psnr(own(lr, (192, 192), generator=g().manual_seed(5)), ref) < psnr(sr, ref) - 10
+
+
+def test_plan_aligns_latent_tiles_and_maps_lr_tiles_to_the_scene_grid(model):
+    resolver = SceneSuperResolver(model, tile=20, overlap=6, condition_tile=16, latent_overlap=8)
+    geo = Geometry((61, 47), (213, 188))  # x3.49 height, x4 width
+    plan = resolver.plan(geo)
+    assert all(win.rows[0] % 8 == 0 and win.cols[0] % 8 == 0 for _, win in plan["condition"])
+    assert len(plan["condition"]) > 1 and len(plan["decoder"]) > 4
+    rows = sorted({win.rows for _, win in plan["decoder"]})
+    assert rows[0][0] == 0 and rows[-1][1] == 213
+    for ((r0, r1), _), win in plan["decoder"]:  # HR window inside the LR crop (+ context)
+        assert r0 * 213 / 61 <= win.rows[0] and win.rows[1] <= r1 * 213 / 61
+
+
+def test_latent_tiles_run_and_stay_close(model):
+    """UNet / latent-branch tiles (per-tile UNet statistics and attention: not exact)."""
+    lr = torch.rand(1, 3, 32, 32)
+    ref = SceneSuperResolver(model)(lr, (128, 128), generator=torch.Generator().manual_seed(2))
+    sr = SceneSuperResolver(model, latent_tile=8, latent_overlap=0, latent_context=8)(
+        lr, (128, 128), generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.isfinite(sr).all() and psnr(sr, ref) > 15
+
+
+def test_resolver_rejects_bad_tiles(model):
+    with pytest.raises(ValueError, match="tile 8"):
+        SceneSuperResolver(model, tile=8)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        SceneSuperResolver(model, latent_tile=20)
+    with pytest.raises(ValueError, match="too small"):
+        SceneSuperResolver(model)(torch.rand(1, 3, 4, 4), (6, 6))

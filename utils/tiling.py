@@ -1,0 +1,264 @@
+"""Geometry of tiled whole-scene inference: overlapping windows, cosine blending, exact crops.
+
+A scene is cut into overlapping windows along each axis; a window's output is weighted by cosine
+ramps across its overlaps, and the weights of all windows are normalised to sum to one, so tiles
+cross-fade and the result needs no weight map. `resize_window` computes any window of a global
+`F.interpolate` (nearest / bilinear / bicubic, align_corners=False) from a crop of its input, so a
+tile is resampled on the whole scene's pixel grid whatever the scale (non-integer, asymmetric).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def align_down(value: int, align: int) -> int:
+    return value // align * align
+
+
+def split_axis(length: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int]]:
+    """Overlapping windows [start, stop) that cover [0, length).
+
+    Windows are `tile` long and start every `tile - overlap`; every start is a multiple of
+    `align`. The last window ends at `length`; it starts at `length - tile` rounded down to `align`
+    (or, if that is the previous start, replaces the previous window), so it may be up to
+    `align - 1` longer than `tile`. `tile <= 0` or `tile >= length` gives one window.
+
+    Args:
+        length: axis length (> 0).
+        tile: window length (a multiple of `align`).
+        overlap: overlap of consecutive windows, `0 <= overlap <= tile / 2`, a multiple of `align`.
+        align: alignment of the window starts.
+
+    Returns:
+        Sorted windows; consecutive ones overlap by at least `overlap`.
+    """
+    if tile <= 0 or tile >= length:
+        return [(0, length)]
+    if tile % align or overlap % align or not 0 <= 2 * overlap <= tile:
+        raise ValueError(
+            f"tile {tile} and overlap {overlap} must be multiples of {align} with "
+            f"0 <= overlap <= tile / 2"
+        )
+    windows, start = [], 0
+    while start + tile < length:
+        windows.append((start, start + tile))
+        start += tile - overlap
+    last = align_down(length - tile, align)
+    if last > windows[-1][0]:
+        windows.append((last, length))
+    else:  # the last full window would start at the previous start: extend that one
+        windows[-1] = (windows[-1][0], length)
+    return windows
+
+
+def axis_weights(windows: list[tuple[int, int]], length: int) -> list[torch.Tensor]:
+    """Blending weights of 1-D windows, normalised to sum to one at every position.
+
+    A window's weight ramps up as `sin^2(pi/2 * (x + 0.5) / r)` over the `r` pixels it shares
+    with the previous window and down symmetrically over those it shares with the next one.
+    Where exactly two windows overlap the two ramps already sum to one (sin^2 + cos^2): a smooth
+    cross-fade; where three overlap (a last window moved back), the normalisation takes over.
+
+    Returns:
+        One float64 tensor [stop - start] per window.
+    """
+    raw = []
+    for k, (start, stop) in enumerate(windows):
+        w = torch.ones(stop - start, dtype=torch.float64)
+        if k > 0:
+            width = min(windows[k - 1][1] - start, stop - start)
+            w[:width] *= _ramp(width)
+        if k < len(windows) - 1:
+            width = min(stop - windows[k + 1][0], stop - start)
+            w[stop - start - width :] *= _ramp(width).flip(0)
+        raw.append(w)
+    total = torch.zeros(length, dtype=torch.float64)
+    for (start, stop), w in zip(windows, raw):
+        total[start:stop] += w
+    return [w / total[start:stop] for (start, stop), w in zip(windows, raw)]
+
+
+def _ramp(width: int) -> torch.Tensor:
+    """Rising cosine ramp sin^2(pi/2 * (x + 0.5) / width), x = 0 .. width - 1 (float64)."""
+    x = (torch.arange(width, dtype=torch.float64) + 0.5) / max(width, 1)
+    return torch.sin(0.5 * math.pi * x) ** 2
+
+
+@dataclass(frozen=True)
+class Window:
+    """A 2-D tile: rows and columns [start, stop) and its separable blending weights."""
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    weight_rows: torch.Tensor  # [stop - start] float64
+    weight_cols: torch.Tensor
+
+    def weight(self, like: torch.Tensor) -> torch.Tensor:
+        """[1, 1, rows, cols] weights in the dtype/device of `like`."""
+        w = self.weight_rows[:, None] * self.weight_cols[None, :]
+        return w.to(device=like.device, dtype=like.dtype)[None, None]
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(*self.rows), slice(*self.cols)
+
+
+def tile_grid(
+    size: tuple[int, int], tile: tuple[int, int], overlap: tuple[int, int], align: int = 1
+) -> list[Window]:
+    """Row-major grid of overlapping 2-D windows covering an image of `size` = (H, W)."""
+    rows, cols = (split_axis(n, t, o, align) for n, t, o in zip(size, tile, overlap))
+    return windows_from(rows, cols, size)
+
+
+def windows_from(rows: list[tuple[int, int]], cols: list[tuple[int, int]], size) -> list[Window]:
+    """Grid of windows from explicit 1-D windows (e.g. an LR grid mapped to HR pixels)."""
+    axes = [list(zip(windows, axis_weights(windows, n))) for windows, n in zip((rows, cols), size)]
+    return [Window(r, c, wr, wc) for r, wr in axes[0] for c, wc in axes[1]]
+
+
+# ------------------------------------------------------------------------ crop-exact resampling
+@dataclass(frozen=True)
+class AxisMap:
+    """Taps of a 1-D resize: output position i = sum_k weight[k, i] * input[index[k, i]]."""
+
+    index: torch.Tensor  # [K, n_out] long, global input positions
+    weight: torch.Tensor  # [K, n_out] float64
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Input range [lo, hi) that the taps read."""
+        return int(self.index.min()), int(self.index.max()) + 1
+
+
+def axis_map(in_size: int, out_size: int, mode: str, start: int = 0, stop: int | None = None):
+    """The taps of `F.interpolate(..., mode, align_corners=False)` for outputs [start, stop).
+
+    Follows PyTorch's kernels: `src = (in/out) * (i + 0.5) - 0.5` (clamped at 0 except for
+    bicubic); bilinear reads floor(src) and the next sample; bicubic reads 4 samples with the
+    A = -0.75 cubic convolution, clamping indices at the border; nearest reads floor(i * in/out)
+    (taken from `F.interpolate` itself so that its float rounding is identical).
+
+    Returns:
+        An `AxisMap` with K = 1, 2 or 4 taps per output.
+    """
+    stop = out_size if stop is None else stop
+    i = torch.arange(start, stop, dtype=torch.float64)
+    if mode == "nearest":
+        src = torch.arange(in_size, dtype=torch.float32)[None, None, :, None]
+        idx = F.interpolate(src, size=(out_size, 1), mode="nearest")[0, 0, start:stop, 0]
+        return AxisMap(idx.long()[None], torch.ones(1, stop - start, dtype=torch.float64))
+    # PyTorch's CPU kernels: float32 scale, src = fma(scale, i + 0.5, -0.5) rounded to float32.
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32).double()
+    src = (scale * (i + 0.5) - 0.5).float().double()
+    if mode == "bilinear":
+        src = src.clamp(min=0)
+        i0 = src.floor().clamp(max=in_size - 1)
+        t = (src - i0).clamp(0, 1)
+        i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+        return AxisMap(torch.stack([i0, i1]).long(), torch.stack([1 - t, t]))
+    if mode == "bicubic":
+        i0 = src.floor()
+        t = src - i0
+        a = -0.75
+        x1, x2 = t + 1, 1 - t
+        weight = torch.stack(
+            [
+                ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a,
+                ((a + 2) * t - (a + 3)) * t * t + 1,
+                ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1,
+                ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a,
+            ]
+        )
+        index = torch.stack([i0 - 1 + k for k in range(4)]).clamp(0, in_size - 1)
+        return AxisMap(index.long(), weight)
+    raise ValueError(f"unsupported resize mode {mode!r} (nearest, bilinear, bicubic)")
+
+
+def resize_window(
+    x: torch.Tensor, maps: tuple[AxisMap, AxisMap], offset: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """Resample a crop of a global input to a window of the global resize.
+
+    Args:
+        x: [B, C, h, w] crop of the global input whose top-left pixel is at `offset`.
+        maps: row and column `AxisMap`s (global input positions) of the output window.
+        offset: global (row, col) of `x[..., 0, 0]`; every tap must fall inside the crop.
+
+    Returns:
+        [B, C, n_rows, n_cols], equal to the window of the global `F.interpolate` (up to float
+        rounding: the taps are summed in a different order).
+    """
+    for dim, amap, off in ((2, maps[0], offset[0]), (3, maps[1], offset[1])):
+        index = amap.index - off
+        if int(index.min()) < 0 or int(index.max()) >= x.shape[dim]:
+            raise ValueError(
+                f"crop [{off}, {off + x.shape[dim]}) misses input positions {amap.span} "
+                "needed by the output window"
+            )
+        taps, n = index.shape
+        gathered = x.index_select(dim, index.flatten().to(x.device))  # K * n along `dim`
+        shape = [*x.shape[:dim], taps, n, *x.shape[dim + 1 :]]
+        weight = amap.weight.to(device=x.device, dtype=x.dtype)
+        weight = weight.view(taps, n, *([1] * (x.ndim - dim - 1)))
+        x = (gathered.view(shape) * weight).sum(dim)
+    return x
+
+
+# ------------------------------------------------------------------------ tile bookkeeping
+def shrink(size, pixels: int) -> tuple[int, int]:
+    """`size` scaled down (aspect kept) to at most `pixels` pixels; unchanged if it fits."""
+    factor = max(1.0, (size[0] * size[1] / pixels) ** 0.5)
+    return tuple(max(1, round(n / factor)) for n in size)
+
+
+def grow(win: Window, context: int, size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The window's rows/cols widened by `context` on each side, clipped to the image."""
+    axes = zip((win.rows, win.cols), size)
+    return tuple((max(0, a - context), min(n, b + context)) for (a, b), n in axes)
+
+
+def to_output_window(window: tuple[int, int], n: int, n_out: int) -> tuple[int, int]:
+    """LR window -> HR window on the scene's grid (image borders map to image borders)."""
+    a, b = window
+    return (0 if a == 0 else round(a * n_out / n), n_out if b == n else round(b * n_out / n))
+
+
+def cut(x: torch.Tensor, box, memory_format=None) -> torch.Tensor:
+    """x[..., r0:r1, c0:c1] for box ((r0, r1), (c0, c1)), optionally made contiguous."""
+    (r0, r1), (c0, c1) = box
+    x = x[..., r0:r1, c0:c1]
+    return x if memory_format is None else x.contiguous(memory_format=memory_format)
+
+
+def trim(x: torch.Tensor, box, win: Window) -> torch.Tensor:
+    """The part of the output of a crop `box` ((r0, r1), (c0, c1)) that lies in `win`."""
+    (r0, _), (c0, _) = box
+    (a, b), (c, d) = win.rows, win.cols
+    return x[..., a - r0 : b - r0, c - c0 : d - c0]
+
+
+def resize_crop(x, out_size, rows, cols, mode, offset=(0, 0), in_size=None) -> torch.Tensor:
+    """Window rows x cols of `F.interpolate(global, out_size, mode)`; `x` is the global input's
+    crop at `offset` (the whole input when `in_size` is None)."""
+    in_size = tuple(x.shape[-2:]) if in_size is None else tuple(in_size)
+    full = tuple(x.shape[-2:]) == in_size
+    if full and rows == (0, out_size[0]) and cols == (0, out_size[1]):
+        return F.interpolate(x, size=tuple(out_size), mode=mode, align_corners=False)
+    maps = (
+        axis_map(in_size[0], out_size[0], mode, *rows),
+        axis_map(in_size[1], out_size[1], mode, *cols),
+    )
+    if full and offset == (0, 0):  # crop to what the window reads
+        spans = [m.span for m in maps]
+        x, offset = cut(x, spans), (spans[0][0], spans[1][0])
+    return resize_window(x, maps, offset)
+
+
+def accumulate(total: torch.Tensor, part: torch.Tensor, win: Window) -> None:
+    total[..., slice(*win.rows), slice(*win.cols)] += part.float() * win.weight(total)
