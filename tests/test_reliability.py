@@ -223,3 +223,34 @@ def test_ddp_two_processes_on_cpu(tmp_path, stage, stage1_run, image_dir):  # no
     (run,) = (tmp_path / "logs").glob("*/*")
     assert [p.name for p in (run / "checkpoints").iterdir()].count("last.ckpt") == 1
     assert len(list((run / "configs").glob("*.yaml"))) == 1
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path, image_dir):  # noqa: F811
+    """SIGTERM mid-run (e.g. a SLURM time limit) leaves a last.ckpt that --resume continues."""
+    import signal
+    import time
+
+    logdir = tmp_path / "logs"
+    args = [
+        sys.executable, "train.py", "--config", "configs/tiny/first_stage.yaml",
+        f"data.params.data_root={image_dir}", "data.params.train.params.max_scale=3.0",
+        "data.params.train.params.repeat=50", "lightning.trainer.limit_val_batches=0",
+        "lightning.trainer.enable_progress_bar=false", "--logdir", str(logdir),
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait until a few batches have run
+        found = list(logdir.glob("*/*/csv/metrics.csv"))
+        if found and found[0].stat().st_size > 0 or list(logdir.glob("*/*/tensorboard/*")):
+            metrics = True
+            time.sleep(3)
+            break
+        time.sleep(0.5)
+    assert metrics and proc.poll() is None, "training did not start"
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    (run,) = logdir.glob("*/*")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] > 0, output[-2000:]
+    assert "--resume" in output
