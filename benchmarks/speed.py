@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import sys
@@ -44,6 +45,7 @@ from utils.cli import HelpFormatter  # noqa: E402
 from utils.config import instantiate_from_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +177,7 @@ def time_method(run, lr, hr, size, device, repeats: int):
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -186,8 +189,10 @@ def main(argv: list[str] | None = None) -> None:
         k: v for k, v in methods(model, ours_model, args.precision).items() if k in args.methods
     }
     rate = gemm_rate(device)
-    print(f"device {device}, threads {torch.get_num_threads()}, load {os.getloadavg()}, "
-          f"fp32 GEMM {rate / 1e9:.1f} GFLOP/s, config {Path(args.config).name}")  # fmt: skip
+    log.info(
+        "device %s, threads %d, load %s, fp32 GEMM %.1f GFLOP/s, config %s", device,
+        torch.get_num_threads(), os.getloadavg(), rate / 1e9, Path(args.config).name,
+    )  # fmt: skip
     rows = []
     for scale in args.scales:
         lr_size = (int(args.size / scale),) * 2
@@ -201,12 +206,12 @@ def main(argv: list[str] | None = None) -> None:
                 run, lr, hr, args.size, device, args.repeats
             )
             rows.append((scale, name, seconds, peak, base, flops[name]))
-            print(f"x{scale:g} {name}: {seconds:.2f} s", flush=True)
+            log.info("x%g %s: %.2f s", scale, name, seconds)
         if "ours" in outs and "reference" in outs:
             diff = (outs["ours"].float() - outs["reference"].float()).abs().max().item()
-            print(f"x{scale:g} max |ours - reference| = {diff:.2e}")
-    print(table(rows, rate, device))
-    print(f"load average at the end {os.getloadavg()}")
+            log.info("x%g max |ours - reference| = %.2e", scale, diff)
+    sys.stdout.write(table(rows, rate, device) + "\n")
+    log.info("load average at the end %s", os.getloadavg())
 
 
 def table(rows, rate: float, device: torch.device) -> str:

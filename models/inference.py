@@ -86,7 +86,7 @@ class SceneSuperResolver:
         model: an `LDCSR` in eval mode (sampling uses its EMA weights).
         tile: decoder tile in LR pixels (>= 16 and >= 2 * overlap); 0 = the whole image.
         overlap: LR overlap of neighbouring decoder tiles (cross-faded).
-        context: LR pixels computed around a decoder tile and discarded.
+        context: LR pixels computed around a decoder tile and discarded (>= 2).
         condition_tile: condition-encoder tile in latent pixels (8 HR pixels each; 0 = whole).
         latent_tile: tile of the UNet and of the decoder's latent branch, in latent pixels.
         latent_overlap, latent_context: overlap and context of latent tiles. All latent sizes are
@@ -120,9 +120,10 @@ class SceneSuperResolver:
         resize_pixels: int = 1 << 19,
         progress: bool = False,
     ):
-        if tile < 0 or tile and (tile < max(MIN_TILE, 2 * overlap) or overlap < 0 or context < 0):
+        if tile < 0 or tile and (tile < max(MIN_TILE, 2 * overlap) or overlap < 0 or context < 2):
             raise ValueError(
-                f"tile {tile} must be >= {MIN_TILE} and >= 2 * overlap ({overlap}), context >= 0"
+                f"tile {tile} must be >= {MIN_TILE} and >= 2 * overlap ({overlap}); context "
+                f"{context} >= 2 (the bicubic skip reads 2 LR pixels beyond a tile)"
             )
         lat = (condition_tile, latent_tile, latent_overlap, latent_context)
         if any(v % 8 or v < 0 for v in lat) or any(0 < t < 2 * latent_overlap for t in lat[:2]):
@@ -168,8 +169,8 @@ class SceneSuperResolver:
             x_T, noises = draw_noise(cond.shape, steps, generator, cond.device, cond.dtype)
             denoise = self.denoiser(geo, plan["unet"])
             z0 = model.diffusion.sample(denoise, x_T=x_T, cond=cond, noises=noises)
-            sr = self.decode(z0, lr, geo, plan)
-        return (sr.clamp(-1, 1) + 1) / 2
+            # in place (the scene may be large), inside inference_mode (sr is an inference tensor)
+            return self.decode(z0, lr, geo, plan).clamp_(-1, 1).add_(1).div_(2)
 
     def plan(self, geo: Geometry) -> dict[str, list]:
         """Tiles of each stage as (crop, window) pairs: `crop` ((r0, r1), (c0, c1)) is what a tile

@@ -136,7 +136,7 @@ def test_geotiff_keeps_georeference_with_pixel_size_divided_by_the_scale(
     tiny_sr_checkpoint, tmp_path
 ):
     rasterio = pytest.importorskip("rasterio", reason="rasterio (optional GeoTIFF support) absent")
-    from rasterio.transform import from_origin
+    from_origin = rasterio.transform.from_origin
 
     src = tmp_path / "geo.tif"
     profile = dict(driver="GTiff", width=20, height=16, count=3, dtype="uint16", crs="EPSG:32633",

@@ -61,7 +61,8 @@ class Scene:
 
 
 def optional(name: str):
-    """The module `name` if it is installed, else None (rasterio, tifffile are optional)."""
+    """The module `name` if it is installed, else None. rasterio (GeoTIFF) and tifffile (16-bit
+    colour TIFF) are optional extras, not in requirement.txt: `pip install rasterio tifffile`."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -142,8 +143,7 @@ def _scene(arr: np.ndarray, bits: int) -> Scene:
 
 
 def _read_rasterio(path: Path) -> Scene:
-    import rasterio
-
+    rasterio = optional("rasterio")
     try:
         with rasterio.open(path) as src:
             arr, profile = src.read(), dict(src.profile)
@@ -161,16 +161,15 @@ def write_scene(path: str | Path, scene: Scene, sr: torch.Tensor) -> None:
     """Write `sr` [3, H, W] in [0, 1] in the layout of `scene` (bands, bit depth, georeference)."""
     path = Path(path)
     maxval = 2**scene.bits - 1
-    out = sr.float().clamp(0, 1)
+    out = sr.float().clamp(0, 1)  # in-place steps below: a scene output may be large
     if scene.bands == 1:
         out = out.mean(dim=0, keepdim=True)
-    planes = [out]
     if scene.alpha is not None:
         alpha = torch.from_numpy(scene.alpha.astype(np.float32) / maxval)[None, None]
         alpha = F.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False)
-        planes.append(alpha[0].clamp(0, 1))
+        out = torch.cat([out, alpha[0].clamp_(0, 1)])
     dtype = np.uint8 if scene.bits == 8 else np.uint16
-    arr = (torch.cat(planes).mul(maxval).round().permute(1, 2, 0).numpy()).astype(dtype)
+    arr = out.mul_(maxval).round_().permute(1, 2, 0).numpy().astype(dtype)  # [H, W, bands]
     if scene.writer == "rasterio":
         _write_rasterio(path, scene, arr)
     elif scene.writer == "tifffile":
@@ -184,15 +183,13 @@ def write_scene(path: str | Path, scene: Scene, sr: torch.Tensor) -> None:
 
 
 def _write_rasterio(path: Path, scene: Scene, arr: np.ndarray) -> None:
-    import rasterio
-    from rasterio.transform import Affine
-
+    rasterio, affine = optional("rasterio"), optional("affine")  # affine: a rasterio dependency
     (h, w), (height, width) = scene.size, arr.shape[:2]
     profile = dict(scene.profile)
     transform = profile.get("transform")
     if transform is not None:  # pixel size divided by the scale, same origin
-        scale = Affine.scale(w / width, h / height)
-        matmul = hasattr(Affine, "__matmul__")  # affine >= 2.4 prefers @ to *
+        scale = affine.Affine.scale(w / width, h / height)
+        matmul = hasattr(affine.Affine, "__matmul__")  # affine >= 2.4 prefers @ to *
         profile["transform"] = transform @ scale if matmul else transform * scale
     profile.update(width=width, height=height, count=arr.shape[-1])
     for key in ("blockxsize", "blockysize"):  # block sizes of the input may not fit the output
