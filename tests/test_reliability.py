@@ -42,40 +42,32 @@ def _resume(tmp_path, run, *overrides):
 STAGE1 = ("data.params.train.params.max_scale=3.0", "lightning.trainer.limit_val_batches=0")
 
 
-def test_stage1_resume_is_exact(tmp_path, image_dir):  # noqa: F811
-    common = (
-        f"data.params.data_root={image_dir}",
-        *STAGE1,
-        "lightning.trainer.enable_progress_bar=false",
-    )
-    straight = _train(
-        tmp_path / "a", "configs/tiny/first_stage.yaml", *common, "lightning.trainer.max_epochs=2"
-    )
-    half = _train(
-        tmp_path / "b", "configs/tiny/first_stage.yaml", *common, "lightning.trainer.max_epochs=1"
-    )
+def _two_epochs_straight_and_resumed(tmp_path, config: str, *common: str) -> tuple[dict, dict]:
+    """Checkpoints of 2 epochs straight, and of 1 epoch + `--resume` + 1 epoch."""
+    common = (*common, "lightning.trainer.enable_progress_bar=false")
+    straight = _train(tmp_path / "a", config, *common, "lightning.trainer.max_epochs=2")
+    half = _train(tmp_path / "b", config, *common, "lightning.trainer.max_epochs=1")
     _resume(tmp_path, half, "lightning.trainer.max_epochs=2")
-    a, b = _ckpt(straight), _ckpt(half)
+    return _ckpt(straight), _ckpt(half)
+
+
+def test_stage1_resume_is_exact(tmp_path, image_dir):  # noqa: F811
+    a, b = _two_epochs_straight_and_resumed(
+        tmp_path, "configs/tiny/first_stage.yaml", f"data.params.data_root={image_dir}", *STAGE1
+    )
     assert a["batches_seen"] == b["batches_seen"] == 4
     _assert_same_training_state(a, b)
 
 
 def test_stage2_resume_is_exact(tmp_path, stage1_run, image_dir):  # noqa: F811
-    common = (
+    a, b = _two_epochs_straight_and_resumed(
+        tmp_path,
+        "configs/tiny/second_stage.yaml",
         f"model.params.first_stage_config.params.ckpt_path={stage1_run}/checkpoints/last.ckpt",
         f"data.params.data_root={image_dir}",
         "data.params.train.params.hr_size=64",
         "lightning.trainer.limit_val_batches=0",
-        "lightning.trainer.enable_progress_bar=false",
     )
-    straight = _train(
-        tmp_path / "a", "configs/tiny/second_stage.yaml", *common, "lightning.trainer.max_epochs=2"
-    )
-    half = _train(
-        tmp_path / "b", "configs/tiny/second_stage.yaml", *common, "lightning.trainer.max_epochs=1"
-    )
-    _resume(tmp_path, half, "lightning.trainer.max_epochs=2")
-    a, b = _ckpt(straight), _ckpt(half)
     assert a["state_dict"]["model_ema.num_updates"] == 4
     _assert_same_training_state(a, b)
 
