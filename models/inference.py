@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ldm.diffusion import draw_noise
-from models.fast_decoder import fast_fru, fuse_levels, shuffle_average
+from models.fast_layers import encode, fast_fru, fuse_levels, resnet_block, shuffle_average
 from utils.scene_stats import SceneStatistics
 from utils.tiling import (
     Window,
@@ -141,7 +141,8 @@ class SceneSuperResolver:
             for net in (model.cond_stage_model, model.model, dec):
                 net.to(memory_format=torch.channels_last)
         run = torch.compile if compile else (lambda m: m)
-        self.cond_net, self.unet = run(model.cond_stage_model), run(model.model.diffusion_model)
+        self.cond_net = run(partial(encode, model.cond_stage_model))
+        self.unet = run(model.model.diffusion_model)
         self.frus = [run(partial(fast_fru, f)) for f in dec.FRUList]
         self.stats = {
             "condition": SceneStatistics([model.cond_stage_model]),
@@ -323,10 +324,10 @@ class SceneSuperResolver:
     def _latent_branch(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Decoder latent branch before the nearest resize: h_k [B, ch, *z] per level."""
         dec, out = self.decoder, []
-        h = dec.mid.block_2(dec.mid.block_1(dec.conv_in(z)))
+        h = resnet_block(dec.mid.block_2, resnet_block(dec.mid.block_1, dec.conv_in(z)))
         for i in _levels(dec):
             for block in dec.up[i].block:
-                h = block(h)
+                h = resnet_block(block, h)
             out.append(dec.up[i].transfer(h).float())
         return out
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.blocks import ContrastChannelAttention
-from models.fast_decoder import fast_fru, shuffle_average
+from models.fast_layers import encode, fast_fru, shuffle_average
 from models.inference import Geometry, SceneSuperResolver
 from tests.conftest import shared_path, tiny_config
 from utils.config import instantiate_from_config
@@ -154,10 +154,14 @@ def test_fast_path_equals_super_resolve(model, references, case):
         assert sr.shape == ref.shape and (sr - ref).abs().max() <= 1e-4
 
 
-def test_fast_decoder_pieces_equal_the_modules(model):
+def test_fast_layers_equal_the_modules(model):
     dec = model.first_stage_model.decoder
     x = torch.randn(2, 32, 12, 14)
     with torch.no_grad():
+        image = torch.randn(2, 3, 40, 48)
+        assert (
+            encode(model.cond_stage_model, image) - model.cond_stage_model(image)
+        ).abs().max() < 1e-4
         assert (fast_fru(dec.FRUList[0], x) - dec.FRUList[0](x)).abs().max() < 1e-4
         up = dec.upsampler.UPNet_x2_list[2]
         pooled = F.interpolate(up(x), size=(12, 14), mode="bilinear", align_corners=False)
