@@ -14,12 +14,13 @@ the work done), LR = int(600 / s), output 600x600, seed 0, run on the same machi
   ours              `models.inference.SceneSuperResolver` (inference_mode, channels-last, the
                     upsampler's fusion MLP as matrix products, the 8x level folded at x4), untiled.
 
-Printed: seconds per image (median of --repeats, after a warm-up on a 4x smaller image), peak
+Printed: seconds per image (median of --repeats; the methods alternate within each repeat, after
+a warm-up on a 4x smaller image), peak
 memory during the call (CUDA: max allocated; CPU: peak RSS sampled every millisecond, and its rise
 over the RSS before the call), speed-ups, max |ours - reference| on the [0, 1] output, model FLOPs
 (`torch.utils.flop_counter.FlopCounterMode` on meta tensors) and the achieved fraction of this
-machine's fp32 matrix-multiply rate (a 4096^3 `torch.mm` timed in the same run). The load average
-is printed too: the numbers are only comparable on an otherwise idle machine.
+machine's fp32 matrix-multiply rate (a 4096^3 `torch.mm`, timed in every repeat, median). The
+load average is printed too: the numbers are only comparable on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -159,20 +160,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_method(run, lr, hr, size, device, repeats: int):
-    """(median seconds, (peak, base) bytes, output) of `repeats` runs, after a warm-up run on a
-    4x smaller image (library initialisation; per-shape kernel set-up stays in the timing)."""
+def time_methods(runs: dict, lr, hr, size, device, repeats: int) -> dict:
+    """({name: (median seconds, (peak, base) bytes, output)}, median fp32 GEMM FLOP/s). The
+    methods alternate within each repeat, which also times a GEMM (so a change of machine load
+    hits all of them), after one warm-up each on a 4x smaller image (library initialisation;
+    per-shape kernel set-up stays in the timing)."""
     small = torch.nn.functional.interpolate(lr, scale_factor=0.25)
-    run(small, hr[..., ::4, ::4], (size // 4, size // 4), torch.Generator().manual_seed(0))
-    times, peaks, out = [], [], None
+    for run in runs.values():
+        run(small, hr[..., ::4, ::4], (size // 4, size // 4), torch.Generator().manual_seed(0))
+    times = {name: [] for name in runs}
+    peaks, outs, rates = {name: (0, 0) for name in runs}, {}, []
     for _ in range(repeats):
-        with PeakMemory(device) as mem:
-            start = time.perf_counter()
-            out = run(lr, hr, (size, size), torch.Generator().manual_seed(0))
-            sync(device)
-            times.append(time.perf_counter() - start)
-        peaks.append((mem.peak, mem.base))
-    return statistics.median(times), max(peaks), out
+        rates.append(gemm_rate(device))  # the machine's rate now (its load may change)
+        for name, run in runs.items():
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                outs[name] = run(lr, hr, (size, size), torch.Generator().manual_seed(0))
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], (mem.peak, mem.base))
+            log.info("%dx%d %s: %.2f s", *lr.shape[-2:], name, times[name][-1])
+    results = {name: (statistics.median(times[name]), peaks[name], outs[name]) for name in runs}
+    return results, statistics.median(rates)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,10 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = {
         k: v for k, v in methods(model, ours_model, args.precision).items() if k in args.methods
     }
-    rate = gemm_rate(device)
     log.info(
-        "device %s, threads %d, load %s, fp32 GEMM %.1f GFLOP/s, config %s", device,
-        torch.get_num_threads(), os.getloadavg(), rate / 1e9, Path(args.config).name,
+        "device %s, threads %d, load %s, config %s", device, torch.get_num_threads(),
+        os.getloadavg(), Path(args.config).name,
     )  # fmt: skip
     rows = []
     for scale in args.scales:
@@ -200,34 +208,32 @@ def main(argv: list[str] | None = None) -> None:
         lr = torch.rand(1, 3, *lr_size, generator=g).to(device)
         hr = torch.rand(1, 3, args.size, args.size, generator=g).to(device)
         flops = count_flops(model, list(runs), lr_size, args.size)
-        outs = {}
-        for name, run in runs.items():
-            seconds, (peak, base), outs[name] = time_method(
-                run, lr, hr, args.size, device, args.repeats
-            )
-            rows.append((scale, name, seconds, peak, base, flops[name]))
-            log.info("x%g %s: %.2f s", scale, name, seconds)
+        results, rate = time_methods(runs, lr, hr, args.size, device, args.repeats)
+        log.info("x%g fp32 GEMM %.1f GFLOP/s", scale, rate / 1e9)
+        outs = {name: out for name, (_, _, out) in results.items()}
+        for name, (seconds, (peak, base), _) in results.items():
+            rows.append((scale, name, seconds, peak, base, flops[name], rate))
         if "ours" in outs and "reference" in outs:
             diff = (outs["ours"].float() - outs["reference"].float()).abs().max().item()
             log.info("x%g max |ours - reference| = %.2e", scale, diff)
-    sys.stdout.write(table(rows, rate, device) + "\n")
+    sys.stdout.write(table(rows, device) + "\n")
     log.info("load average at the end %s", os.getloadavg())
 
 
-def table(rows, rate: float, device: torch.device) -> str:
+def table(rows, device: torch.device) -> str:
     memory = "max allocated" if device.type == "cuda" else "peak RSS (rise)"
     lines = [
-        f"| scale | method | s/image | speed-up of ours | {memory} GB | GFLOP | % of GEMM rate |",
-        "|---|---|---|---|---|---|---|",
+        f"| scale | method | s/image | speed-up of ours | {memory} GB | GFLOP | GFLOP/s "
+        "| % of fp32 GEMM rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    ours = {scale: seconds for scale, name, seconds, *_ in rows if name == "ours"}
-    for scale, name, seconds, peak, base, flops in rows:
+    ours = {row[0]: row[2] for row in rows if row[1] == "ours"}
+    for scale, name, seconds, peak, base, flops, rate in rows:
         speedup = f"{seconds / ours[scale]:.2f}x" if scale in ours else "-"
         mem = f"{peak / 2**30:.2f}" + (f" (+{(peak - base) / 2**30:.2f})" if base else "")
-        achieved = 100 * flops / seconds / rate
         lines.append(
             f"| x{scale:g} | {name} | {seconds:.2f} | {speedup} | {mem} | {flops / 1e9:.0f} "
-            f"| {achieved:.0f}% |"
+            f"| {flops / seconds / 1e9:.1f} | {100 * flops / seconds / rate:.0f}% |"
         )
     return "\n".join(lines)
 

@@ -3,8 +3,8 @@
 `encode` runs a GAP encoder with in-place activations (fewer full-size temporaries);
 `fast_fru` runs an FRU without its n*nf-channel concat (the 1x1 fusion is summed module by
 module) and with contiguous IMD splits (channels-last convs on a channel slice fall back to a slow
-kernel); `shuffle_average` folds PixelShuffle(2) + an exact 2:1 bilinear resize into one conv;
-`fuse_levels` runs the upsampler's 1x1 MLP as matrix products on chunks of pixels.
+kernel); `shuffle_resample` folds PixelShuffle(2) and an exact 2:1 or 4:1 bilinear resize into
+the conv; `fuse_levels` runs the upsampler's 1x1 MLP as matrix products on chunks of pixels.
 """
 
 from __future__ import annotations
@@ -65,14 +65,40 @@ def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-def shuffle_average(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Average pool 2x2 of PixelShuffle(2)(conv(x)) as one conv: the 4 sub-pixel filters of each
-    output channel averaged ([4C, ...] -> [C, ...])."""
-    weight = conv.weight.view(-1, 4, *conv.weight.shape[1:]).mean(1)
-    bias = conv.bias.view(-1, 4).mean(1)
-    if x.is_contiguous(memory_format=torch.channels_last):
-        weight = weight.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, bias, padding=1)
+def shuffle_resample(conv: nn.Conv2d, x: torch.Tensor, factor: int) -> torch.Tensor:
+    """bilinear(PixelShuffle(2)(conv(x)), 1/factor) for factor 2 or 4, without the 4x channels.
+
+    PixelShuffle puts sub-pixel filter (dy, dx) of output channel c at (2r + dy, 2q + dx); an
+    exact 1/factor bilinear resize (align_corners=False) then averages fixed taps:
+      factor 2 (x4 SR): all four sub-pixels of every position -> one conv with the four filters
+        averaged, on x's grid;
+      factor 4 (x2 SR): sub-pixel (1, 1) of (2i, 2j), (1, 0) of (2i, 2j+1), (0, 1) of (2i+1, 2j)
+        and (0, 0) of (2i+1, 2j+1) -> four stride-2 convs of one filter each, averaged.
+
+    Args:
+        conv: Conv2d(nf -> 4 nf, 3x3, padding 1) followed by PixelShuffle(2) in the model.
+        x: [B, nf, h, w] input (h, w even for factor 4).
+
+    Returns:
+        [B, nf, 2h/factor, 2w/factor], the resized pixel-shuffled output.
+    """
+    weight = conv.weight.view(-1, 4, *conv.weight.shape[1:])  # [nf, 4 sub-pixels, nf, 3, 3]
+    bias = conv.bias.view(-1, 4)
+    cl = x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    if factor == 2:
+        return F.conv2d(x, weight.mean(1).contiguous(memory_format=fmt), bias.mean(1), padding=1)
+    if factor != 4:
+        raise ValueError(f"shuffle_resample: factor must be 2 or 4, got {factor}")
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = None
+    for a in (0, 1):
+        for b in (0, 1):
+            sub = (1 - a) * 2 + (1 - b)  # the sub-pixel read at position (2i + a, 2j + b)
+            w = weight[:, sub].contiguous(memory_format=fmt)
+            y = F.conv2d(padded[..., a:, b:], w, bias[:, sub], stride=2)
+            out = y if out is None else out.add_(y)
+    return out.mul_(0.25)
 
 
 def fuse_levels(

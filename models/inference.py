@@ -27,6 +27,8 @@ agree). What stays per tile: the UNet's attention and GroupNorm (only for latent
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from functools import partial
 
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ldm.diffusion import draw_noise
-from models.fast_layers import encode, fast_fru, fuse_levels, resnet_block, shuffle_average
+from models.fast_layers import encode, fast_fru, fuse_levels, resnet_block, shuffle_resample
 from utils.scene_stats import SceneStatistics
 from utils.tiling import (
     Window,
@@ -291,19 +293,20 @@ class SceneSuperResolver:
         Same math as `ScaleAwareUpsampler.forward`, in blocks of output rows (memory bound): each
         level is resized (bilinear, on the scene's grid) to the block, and the 1x1 fusion MLP runs
         as matrix products, channels last, with the level gates folded into its first layer.
-        When the output is exactly 4x the LR (H = 4h, W = 4w), the 8x level's bilinear 2:1
-        resize averages each pixel-shuffled 2x2 block: that is the conv with its 4 sub-pixel
-        filters averaged, 64 instead of 256 output channels at the 4x grid (same result).
+        When the output is exactly 4x or 2x the LR, the 8x level is only ever read through an
+        exact 2:1 or 4:1 bilinear resize: it is computed directly at the output grid
+        (`shuffle_resample`, 4x fewer FLOPs for that conv; same result).
         """
         ups = self.decoder.upsampler
         gates = ups.level_weights(geo.lr[0], geo.out[0], x)[0]  # [L]
-        fold = geo.out[0] == 4 * geo.lr[0] and geo.out[1] == 4 * geo.lr[1]
+        ratios = {8 * n / m for n, m in zip(geo.lr, geo.out)}
+        fold = int(ratios.pop()) if len(ratios) == 1 and ratios & {2.0, 4.0} == ratios else 0
         levels, shifts = [x], [0]  # level features and log2 of their grid's scale
         with self._autocast(x):
             for i, up in enumerate(ups.UPNet_x2_list):
-                if fold and i == len(ups.UPNet_x2_list) - 1:
-                    levels.append(shuffle_average(up[0], levels[-1]))  # [B, nf, 4h_c, 4w_c]
-                    shifts.append(shifts[-1])
+                if fold and i == len(ups.UPNet_x2_list) - 1:  # [B, nf, 8 h_c / fold, ...]
+                    levels.append(shuffle_resample(up[0], levels[-1], fold))
+                    shifts.append(shifts[-1] + 2 - fold.bit_length())  # - log2(fold) + 1
                 else:
                     levels.append(up(levels[-1]))  # [B, nf, 2^l h_c, 2^l w_c]
                     shifts.append(shifts[-1] + 1)
@@ -344,12 +347,16 @@ class SceneSuperResolver:
         with self.stats[stage].apply() if shared else contextlib.nullcontext():
             for crop, win in tiles:
                 out = run(crop, win) if stage == "decoder" else run(crop)
-                parts = out if isinstance(out, list) else [out]
+                several = isinstance(out, list)
+                parts = out if several else [out]
                 if totals is None:
                     totals = [torch.zeros(*p.shape[:2], *size, device=p.device) for p in parts]
                 for total, part in zip(totals, parts):
                     accumulate(total, part if stage == "decoder" else trim(part, crop, win), win)
-        return totals if isinstance(out, list) else totals[0]
+                del out, parts
+                if len(tiles) > 1:
+                    release_memory()
+        return totals if several else totals[0]
 
     def _run(self, net, *args):
         with self._autocast(args[0]):
@@ -374,6 +381,16 @@ class SceneSuperResolver:
         finally:
             self._bar.close()
             self._bar = None
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere), so that the
+    resident size of a long tiled run follows what is alive rather than its fragmented high-water
+    marks."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _levels(decoder) -> list[int]:

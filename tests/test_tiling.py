@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.blocks import ContrastChannelAttention
-from models.fast_layers import encode, fast_fru, shuffle_average
+from models.fast_layers import encode, fast_fru, shuffle_resample
 from models.inference import Geometry, SceneSuperResolver
 from tests.conftest import shared_path, tiny_config
 from utils.config import instantiate_from_config
@@ -125,8 +125,9 @@ def test_scene_statistics_replay_the_whole_input_statistics_on_crops():
 
 
 # ------------------------------------------------------------------------------------ fast path
-CASES = {  # LR size -> output size: x4 (folded 8x level), non-integer + asymmetric, x8
+CASES = {  # LR size -> output size: x4, x2 (folded 8x level), non-integer + asymmetric, x8
     "x4": ((16, 20), (64, 80)),
+    "x2": ((16, 20), (32, 40)),
     "x2.8,x4.2": ((13, 17), (37, 71)),
     "x8": ((12, 12), (96, 96)),
 }
@@ -164,8 +165,10 @@ def test_fast_layers_equal_the_modules(model):
         ).abs().max() < 1e-4
         assert (fast_fru(dec.FRUList[0], x) - dec.FRUList[0](x)).abs().max() < 1e-4
         up = dec.upsampler.UPNet_x2_list[2]
-        pooled = F.interpolate(up(x), size=(12, 14), mode="bilinear", align_corners=False)
-        assert (shuffle_average(up[0], x) - pooled).abs().max() < 1e-5
+        for factor in (2, 4):
+            size = (24 // factor, 28 // factor)
+            pooled = F.interpolate(up(x), size=size, mode="bilinear", align_corners=False)
+            assert (shuffle_resample(up[0], x, factor) - pooled).abs().max() < 1e-5
 
 
 def test_one_tile_and_row_blocks_change_nothing(model):

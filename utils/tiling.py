@@ -201,12 +201,14 @@ def resize_window(
                 f"crop [{off}, {off + x.shape[dim]}) misses input positions {amap.span} "
                 "needed by the output window"
             )
-        taps, n = index.shape
-        gathered = x.index_select(dim, index.flatten().to(x.device))  # K * n along `dim`
-        shape = [*x.shape[:dim], taps, n, *x.shape[dim + 1 :]]
         weight = amap.weight.to(device=x.device, dtype=x.dtype)
-        weight = weight.view(taps, n, *([1] * (x.ndim - dim - 1)))
-        x = (gathered.view(shape) * weight).sum(dim)
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        out = None
+        for idx, w in zip(index.to(x.device), weight):  # tap by tap: two temporaries at most
+            tap = x.index_select(dim, idx)
+            out = tap.mul_(w.view(shape)) if out is None else out.addcmul_(tap, w.view(shape))
+        x = out
     return x
 
 
