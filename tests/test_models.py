@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models import load_first_stage_model, load_sr_model
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, shared_path, tiny_config
 from utils.config import ConfigError, instantiate_from_config, translate_authors_config
 
 
@@ -106,3 +106,32 @@ def test_authors_unsupported_option_is_rejected(conformance):
     config["model"]["params"]["parameterization"] = "x0"
     with pytest.raises(ConfigError, match="parameterization"):
         translate_authors_config(config)
+
+
+def test_identity_modulation_init_starts_the_fusion_as_the_sr_branch():
+    decoder_config = tiny_config(1).model.params.decoder_config
+    torch.manual_seed(0)
+    build = {
+        init: instantiate_from_config(
+            OmegaConf.merge(decoder_config, {"params": {"modulation_init": init}})
+        )
+        for init in ("default", "identity")
+    }
+    assert _shapes(build["default"]) == _shapes(build["identity"])  # checkpoints unaffected
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(2, 32, 5, 6, generator=g), torch.randn(2, 32, 5, 6, generator=g)
+    norm = (1 + 0.1**2) ** 0.5
+    for scale in (1.0, 3.7, 8.0):
+        s = torch.tensor([[scale]])
+        for level in build["identity"].up:
+            a, b = level.condition_scale1(s), level.condition_scale2(s)
+            assert torch.equal(a, torch.ones(1, 32)) and torch.allclose(b, torch.full((1, 32), 0.1))
+            expected = torch.nn.functional.leaky_relu((x + 0.1 * h) / norm, 0.01)
+            assert torch.allclose(build["identity"].style(x, a, b, h), expected, atol=1e-6)
+        # the authors' default init: random-signed a_k, so some SR channels enter negated
+        a = build["default"].up[0].condition_scale1(s)
+        assert (a < 0).any()
+    with pytest.raises(ValueError, match="modulation_init"):
+        instantiate_from_config(
+            OmegaConf.merge(decoder_config, {"params": {"modulation_init": "zeros"}})
+        )
