@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,19 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-fraction", type=float, default=0.1, help="share of --data images held out")
     add("--scales", type=float, nargs="+", default=[2.0, 3.5, 4.0], help="evaluation scales")
     add("--metrics", default="psnr,ssim,lpips", help="metrics; LPIPS/FID only if weights cached")
-    add("--threads", type=int, default=0, help="CPU threads (0: 1 on a busy machine, else all)")
+    add("--threads", type=int, default=0, help="CPU threads (0: the idle cores)")
     add("--seed", type=int, default=23, help="seed of the scenes, the split and the training")
     return parser
 
 
 def pick_threads(requested: int) -> int:
-    """`requested`, or all cores when the machine is idle and one thread otherwise: two busy-
-    waiting OpenMP threads on a loaded 2-core machine run several times slower than one."""
+    """`requested`, or the cores that other processes leave idle (at least one): busy-waiting
+    OpenMP threads on cores another job is using run several times slower than fewer threads.
+    The current use is sampled over half a second (an install that just finished does not count,
+    as it would in the 1-minute load average)."""
     if requested > 0:
         return requested
     cores = os.cpu_count() or 1
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5
-    return 1 if busy else cores
+    return max(1, cores - round(busy_cores()))
+
+
+def busy_cores(seconds: float = 0.5) -> float:
+    """Cores in use by other processes now, from two reads of /proc/stat (Linux), else from the
+    1-minute load average, else 0."""
+
+    def read() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+
+    try:
+        before = read()
+        time.sleep(seconds)
+        after = read()
+    except (OSError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    delta = [b - a for a, b in zip(before, after)]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    return (os.cpu_count() or 1) * (1 - idle / max(1, sum(delta)))
 
 
 def prepare_out(out: Path, settings: dict, retrain: bool) -> None:

@@ -4,23 +4,25 @@
     python benchmarks/speed.py --scales 4 --repeats 3 --threads 1
     python benchmarks/speed.py --device cuda --repeats 5 --precision bf16
 
-One LR image per scale (random content; the paper config with random weights, which does not change
-the work done), LR = int(600 / s), output 600x600, seed 0, run on the same machine in one process:
+One LR image per scale (random content; the paper config with random weights, the UNet's
+zero-initialised convs included (`randomize_zero_init`), which does not change the work done),
+LR = int(600 / s), output 600x600, seed 0, run on the same machine in one process:
 
   reference+extras  `LDCSR.super_resolve`'s network as ARCHITECTURE.md describes it (fp32, NCHW,
                     no_grad) plus the authors' test-time extras: the HR encoding and two more
                     decodes (the reconstruction and the condition, "sr_kd");
   reference         `LDCSR.super_resolve` alone;
   ours              `models.inference.SceneSuperResolver` (inference_mode, channels-last, the
-                    upsampler's fusion MLP as matrix products, the 8x level folded at x4), untiled.
+                    upsampler's fusion MLP as matrix products, the 8x level folded at x2 and
+                    x4), untiled.
 
 Printed: seconds per image (median of --repeats; the methods alternate within each repeat, after
-a warm-up on a 4x smaller image), peak
-memory during the call (CUDA: max allocated; CPU: peak RSS sampled every millisecond, and its rise
-over the RSS before the call), speed-ups, max |ours - reference| on the [0, 1] output, model FLOPs
-(`torch.utils.flop_counter.FlopCounterMode` on meta tensors) and the achieved fraction of this
-machine's fp32 matrix-multiply rate (a 4096^3 `torch.mm`, timed in every repeat, median). The
-load average is printed too: the numbers are only comparable on an otherwise idle machine.
+a warm-up on a 4x smaller image), peak memory during the call (CUDA: max allocated; CPU: peak RSS
+sampled every millisecond, and its rise over the RSS before the call), speed-ups,
+max |ours - reference| on the [0, 1] output, model FLOPs (`torch.utils.flop_counter.FlopCounterMode`
+on meta tensors) and the achieved fraction of this machine's fp32 matrix-multiply rate (a 4096^3
+`torch.mm`, timed in every repeat, median). The load average is printed too: the numbers are
+only comparable on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.inference import SceneSuperResolver  # noqa: E402
+from models.ldcsr import randomize_zero_init  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 from utils.config import instantiate_from_config  # noqa: E402
 
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = instantiate_from_config(OmegaConf.load(args.config).model).eval()
+    randomize_zero_init(model)  # eps != 0, so the equality check covers the sampling chain
     ours_model = copy.deepcopy(model).to(device)  # converted to channels-last by ours
     model = model.to(device)
     runs = {

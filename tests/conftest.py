@@ -61,14 +61,3 @@ def tiny_sr_checkpoint(tmp_path_factory):
     path = run / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": model.state_dict(), "config": plain, "epoch": 0}, path)
     return path
-
-
-def randomize_zero_init(model) -> None:
-    """Gives the UNet's zero-initialised convs (its output conv and every ResBlock's last conv)
-    random weights, as training would, so that gradients and embeddings reach everything; the
-    EMA copy follows, since sampling uses it."""
-    with torch.no_grad():
-        for name, param in model.model.named_parameters():
-            if param.dim() > 1 and not param.any():
-                torch.nn.init.normal_(param, std=0.02)
-                getattr(model.model_ema, model.model_ema.m_name2s_name[name]).copy_(param)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, randomize_zero_init, tiny_config
+from models.ldcsr import randomize_zero_init
+from tests.conftest import ROOT, tiny_config
 from utils.config import instantiate_from_config
 
 ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))

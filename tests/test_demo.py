@@ -79,3 +79,12 @@ def test_bad_data_folder_and_foreign_output_folder_are_refused(tmp_path):
     with pytest.raises(demo.DemoError, match="no demo.json"):
         demo.main([*FAST, "--out", str(foreign)])
     assert (foreign / "notes.txt").read_text() == "mine"  # nothing deleted
+
+
+def test_threads_follow_the_idle_cores(monkeypatch):
+    assert demo.pick_threads(3) == 3
+    cores = demo.os.cpu_count() or 1
+    monkeypatch.setattr(demo, "busy_cores", lambda: 0.2)
+    assert demo.pick_threads(0) == cores
+    monkeypatch.setattr(demo, "busy_cores", lambda: cores + 1.0)
+    assert demo.pick_threads(0) == 1

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import train
-from tests.conftest import randomize_zero_init, tiny_config
+from models.ldcsr import randomize_zero_init
+from tests.conftest import tiny_config
 from utils.config import ConfigError, instantiate_from_config
 
 
