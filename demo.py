@@ -1,6 +1,6 @@
 """One-command demo of LDCSR on the CPU: data, tiny stage 1 and stage 2, evaluation, a figure.
 
-    python demo.py                                   # generated aerial scenes, ~11 min on 2 cores
+    python demo.py                                   # generated aerial scenes, ~9 min on 2 cores
     python demo.py --data ../shared/data/train_pool  # your images; a seeded 10% is held out
     python demo.py --stage1-minutes 2 --stage2-minutes 1 --out quick_demo
     python demo.py --retrain                         # train again instead of reusing checkpoints
