@@ -40,7 +40,7 @@ import torch
 
 from models import load_sr_model
 from models.inference import MIN_TILE, PRECISIONS, SceneSuperResolver, untiled_peak_bytes
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, pick_device
 from utils.config import ConfigError
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images
 from utils.scene_io import output_suffix, read_scene, write_scene
@@ -127,14 +127,6 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f"output folder {folder} is not writable: {err}") from err
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but CUDA is not available; use cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def auto_tile(args, lr_size, out_size) -> int:
     """--tile, or (auto) 0 when an untiled run fits --max-memory, else ~512 HR pixels."""
     if args.tile is not None:
@@ -183,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     jobs = collect_inputs(args.inputs)
     check_writable(out_dir)
-    device = pick_device(args.device)
+    device = pick_device(args.device, UsageError)
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = args.precision

@@ -51,6 +51,7 @@ from data.test_pairs import (
     resolve_dataset,
 )
 from models import load_first_stage_model, load_sr_model
+from utils.cli import HelpFormatter, pick_device
 from utils.config import ConfigError
 from utils.evaluation import evaluate, load_metrics, prepare_out_dir, write_summary
 from utils.image_io import ImageReadError
@@ -60,12 +61,8 @@ log = logging.getLogger("test")
 ERRORS = (ConfigError, EvaluationError, ImageReadError, MissingWeightsError, FileNotFoundError)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's layout and shows defaults."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--checkpoint", "-c", required=True, help="our checkpoint (train.py) or the authors'")
     config_help = "model YAML (ours or the authors'); default: the checkpoint's or <run>/configs/"
@@ -102,14 +99,6 @@ def default_out_dir(checkpoint: str | Path) -> Path:
     return Path("results") / path.stem
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda was given but CUDA is not available; use cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def load_model(args: argparse.Namespace, device: torch.device):
     """The stage-2 LDCSR, or the stage-1 autoencoder with --first-stage, in eval mode."""
     load = load_first_stage_model if args.first_stage else load_sr_model
@@ -134,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.first_stage and (args.sr_kd or datatype not in REFERENCE_DATATYPES):
         parser.error("--first-stage needs HR images (hr-downsample or paired) and no --sr-kd")
-    device = pick_device(args.device)
+    device = pick_device(args.device, EvaluationError)
     sources = [resolve_dataset(name, args.data_root) for name in args.datasets]
     if len({source.name for source in sources}) < len(sources):
         parser.error(f"--datasets {args.datasets} give two datasets the same result folder name")

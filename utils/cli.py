@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the module docstring's line breaks (its example commands)."""
+
+
+def pick_device(name: str, error: type[Exception] = ValueError) -> torch.device:
+    """The torch device for a `--device` flag: "cpu", "cuda" or "auto" (CUDA when available).
+
+    Raises:
+        error: (the caller's error type) for "cuda" on a machine without CUDA.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda was given but CUDA is not available; use cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
