@@ -2,28 +2,37 @@
 
     python super_resolve.py scene.tif --checkpoint logs/<run>/checkpoints/last.ckpt \\
         --output results/sr --scale 4
-    python super_resolve.py photos/ "more/*.png" -c CKPT --output out/ --scale 3.5,2.5
-    python super_resolve.py big.png -c authors.ckpt --config configs/second_stage_van_v4.yaml \\
+    python super_resolve.py photos/ "more/*.png" --checkpoint CKPT --output out/ --scale 3.5x2.5
+    python super_resolve.py big.png --checkpoint authors.ckpt -c configs/second_stage_van_v4.yaml \\
         --output out/ --size 4000x4000 --tile 128 --tile-overlap 16
+    python super_resolve.py s2_scene.tif --checkpoint CKPT --output out/ --scale 2 \\
+        --bands 3,2,1 --value-range 0,3000 --cog
 
 Inputs: files, folders (searched recursively, sub-folders kept under --output) or glob patterns.
-Scale: --scale s, or "sH,sW" for different height and width factors; the output size is
-(round(sH*h), round(sW*w)), or --size HxW. The model is conditioned on the height ratio H/h only
-(scale and output-size embeddings, decoder modulation, upsampler gates), as in the authors' model;
-the width factor only changes the output grid. Outputs are sampled with --seed (the same numbers
-on CPU and GPU), tiled or not.
+Scale: --scale s, or sHxsW (e.g. 3.5x2.5) for different height and width factors; the output
+size is (round(sH*h), round(sW*w)), or --size HxW. The model is conditioned on the height ratio
+H/h only (scale and output-size embeddings, decoder modulation, upsampler gates), as in the
+authors' model; the width factor only changes the output grid. Outputs are sampled with --seed
+(the same numbers on CPU and GPU), tiled or not.
 
-Tiling (models/inference.py): scenes whose untiled run would need more than --max-memory GB are
-cut into overlapping LR tiles of --tile pixels (0 = never tile), cross-faded over --tile-overlap
-pixels; the diffusion noise is drawn once for the whole scene's latent and every tile is
-conditioned on the scene's scale and size, so tiles agree where they overlap.
+Inference is `LDCSR.super_resolve`: scenes whose untiled run would need more than --max-memory GB
+(estimated from the loaded model's own widths) are cut into overlapping LR tiles of --tile pixels
+(0 = never tile), cross-faded over --tile-overlap pixels; the diffusion noise is drawn once for
+the whole scene's latent, every tile is conditioned on the scene's scale and size and normalised
+with the scene's statistics, so tiles agree where they overlap.
 
-Formats (utils/scene_io.py): PNG/JPEG/TIFF, 8/16-bit, grey/RGB with or without alpha; outputs keep
-the input's bands and bit depth (PNG for PNG/JPEG, TIFF for TIFF). GeoTIFFs keep their
-georeferencing, with the pixel size divided by the scale, when rasterio is installed.
+Formats (utils/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
+as PNG with the input's bands and bit depth. TIFF/GeoTIFF of any size, band count and dtype are
+streamed block by block from disk to disk (memory does not grow with the scene) and written as
+tiled GeoTIFF (--cog: Cloud-Optimized): CRS, per-axis pixel size (divided by the scale), bands,
+dtype, nodata and tags are kept. Three bands feed the model (--bands, default the first three; one
+number for a grey band), mapped to [0, 1] by --value-range or per-scene 2-98 % percentiles; the
+other bands are upsampled bicubically.
 
-Existing outputs are never overwritten without --overwrite. A file that fails is reported and the
-others go on; the exit code is 1 if any file failed, 2 for bad arguments.
+Outputs are named <input stem><--suffix>.png/.tif under --output. Existing outputs are never
+overwritten without --overwrite; --skip-existing leaves them and goes on. Two inputs that would
+write the same output are an error before any work. A file that fails is reported and the others
+go on; the exit code is 1 if any file failed, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -39,11 +48,12 @@ from pathlib import Path
 import torch
 
 from models import load_sr_model
-from models.inference import MIN_TILE, PRECISIONS, SceneSuperResolver, untiled_peak_bytes
+from models.inference import MIN_TILE, PRECISIONS
 from utils.cli import HelpFormatter, pick_device
 from utils.config import ConfigError
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images
-from utils.scene_io import output_suffix, read_scene, write_scene
+from utils.raster import parse_bands, parse_value_range, raster_size
+from utils.scene_io import is_raster, output_suffix, read_scene, super_resolve_raster, write_scene
 
 log = logging.getLogger("super_resolve")
 
@@ -57,30 +67,63 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("inputs", nargs="+", help="image files, folders or glob patterns")
     add("--output", "-o", required=True, help="output folder (created if missing)")
-    add("--checkpoint", "-c", required=True, help="our checkpoint (train.py) or the authors'")
-    add("--config", default=None, help="model YAML; default: the checkpoint's or <run>/configs/")
-    add("--scale", default="4", help="s or sH,sW (height, width factors), > 0")
+    add("--checkpoint", required=True, help="our checkpoint (train.py) or the authors'")
+    add(
+        "--config",
+        "-c",
+        default=None,
+        help="model YAML (default: the checkpoint's own or <run>/configs/)",
+    )
+    add("--scale", default="4", help="s, or sHxsW for height x width factors (e.g. 3.5x2.5); > 0")
     add("--size", default=None, help="output size HxW instead of --scale, e.g. 4000x4000")
+    add("--suffix", default="", help="appended to each output's file stem, e.g. _x4")
+    add(
+        "--bands",
+        default=None,
+        help="TIFF inputs: 1-based bands fed to the model as R,G,B, "
+        "e.g. 3,2,1 (default: the first three; one number feeds a grey band); the other bands "
+        "are upsampled bicubically",
+    )
+    add(
+        "--value-range",
+        default=None,
+        help="TIFF inputs: MIN,MAX mapped to [0, 1] for the "
+        "model (default: per-scene 2-98 %% percentiles of each model band; 8 bit: value / 255)",
+    )
+    add("--cog", action="store_true", help="write TIFF outputs as Cloud-Optimized GeoTIFFs")
     add("--seed", type=int, default=0, help="seed of the diffusion noise (CPU generator)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
-    add("--tile", type=int, default=None, help="LR tile size; 0 = off; default: auto")
+    add("--tile", type=int, default=None, help="LR tile size; 0 = off (default: auto)")
     add("--tile-overlap", type=int, default=16, help="LR overlap of neighbouring tiles")
     add("--max-memory", type=float, default=2.0, help="GB an untiled run may use (auto tiling)")
     add("--precision", default="auto", choices=("auto", *PRECISIONS), help="auto: bf16 on CUDA")
-    add("--compile", action="store_true", help="torch.compile the networks (slow first image)")
     add("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
-    add("--overwrite", action="store_true", help="replace existing output files")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave existing outputs and go on (resume a long batch)",
+    )
     add("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
 
 def parse_scale(text: str) -> tuple[float, float]:
+    """`--scale`: "4" -> (4, 4); "3.5x2.5" -> (3.5, 2.5) (height, width factors)."""
+    if "," in text:  # a list in test.py --scales; refused rather than guessed
+        raise UsageError(
+            f"--scale {text!r} is ambiguous: write {text.replace(',', 'x')} for "
+            "height x width factors; super_resolve.py takes one scale per run"
+        )
     try:
-        values = [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.lower().split("x")]
     except ValueError:
         values = []
     if len(values) not in (1, 2) or not all(v > 0 for v in values):
-        raise UsageError(f"--scale {text!r}: expected s or sH,sW with positive numbers")
+        raise UsageError(
+            f"--scale {text!r}: expected s or sHxsW with positive numbers, e.g. 4 or 3.5x2.5"
+        )
     return (values[0], values[-1])
 
 
@@ -127,24 +170,48 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f"output folder {folder} is not writable: {err}") from err
 
 
-def auto_tile(args, lr_size, out_size) -> int:
-    """--tile, or (auto) 0 when an untiled run fits --max-memory, else ~512 HR pixels."""
-    if args.tile is not None:
-        return args.tile
-    if untiled_peak_bytes(lr_size, out_size) <= args.max_memory * 2**30:
-        return 0
-    scale = max(o / n for o, n in zip(out_size, lr_size))
-    return max(MIN_TILE, 2 * args.tile_overlap, min(128, round(512 / scale)))
+def output_paths(jobs: list[tuple[Path, Path]], out_dir: Path, suffix: str) -> list[Path]:
+    """The output file of each input; two inputs that would share one are a UsageError."""
+    dsts = [out_dir / rel.with_name(rel.stem + suffix + output_suffix(src)) for src, rel in jobs]
+    owners: dict[Path, list[Path]] = {}
+    for (src, _), dst in zip(jobs, dsts):
+        owners.setdefault(dst, []).append(src)
+    clashes = {dst: srcs for dst, srcs in owners.items() if len(srcs) > 1}
+    if clashes:
+        lines = "; ".join(f"{dst} <- {', '.join(map(str, srcs))}" for dst, srcs in clashes.items())
+        raise UsageError(
+            f"inputs that would write the same output: {lines}; rename one of them "
+            "or run them into different --output folders"
+        )
+    return dsts
 
 
-def run_one(resolver, args, src: Path, dst: Path) -> None:
+def run_one(model, args, src: Path, dst: Path) -> None:
+    generator = torch.Generator().manual_seed(args.seed)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if is_raster(src):  # streamed block by block, whatever the scene's size
+        out_size = output_size(args, raster_size(src))
+        log.info("%s: %dx%d -> %dx%d (TIFF, streamed)", src, *raster_size(src), *out_size)
+
+        def sr_fn(lr, size):  # blocks run in a fixed order, so a seed reproduces the scene
+            return model.super_resolve(lr.to(model.device), size, generator=generator,
+                                       **args.tiling).cpu()  # fmt: skip
+
+        super_resolve_raster(
+            src,
+            dst,
+            sr_fn,
+            out_size,
+            bands=parse_bands(args.bands),
+            value_range=parse_value_range(args.value_range),
+            cog=args.cog,
+        )
+        return
     scene = read_scene(src)
     out_size = output_size(args, scene.size)
-    resolver.tile = auto_tile(args, scene.size, out_size)
-    log.info("%s: %dx%d -> %dx%d, tile %d", src, *scene.size, *out_size, resolver.tile)
-    generator = torch.Generator().manual_seed(args.seed)
-    sr = resolver(scene.rgb[None], out_size, generator=generator)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s: %dx%d -> %dx%d", src, *scene.size, *out_size)
+    lr = scene.rgb[None].to(model.device)
+    sr = model.super_resolve(lr, out_size, generator=generator, **args.tiling)
     write_scene(dst, scene, sr[0].cpu())
 
 
@@ -172,8 +239,19 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.tile_overlap < 0:
         raise UsageError("--tile-overlap must be >= 0")
+    if "/" in args.suffix or "\\" in args.suffix:
+        raise UsageError(f"--suffix {args.suffix!r} must not contain a path separator")
+    parse_bands(args.bands, UsageError)
+    parse_value_range(args.value_range, UsageError)
     out_dir = Path(args.output)
     jobs = collect_inputs(args.inputs)
+    dsts = output_paths(jobs, out_dir, args.suffix)
+    if args.skip_existing:
+        kept = [(job, dst) for job, dst in zip(jobs, dsts) if not dst.exists()]
+        if len(kept) < len(jobs):
+            log.info("--skip-existing: %d of %d outputs exist already", len(jobs) - len(kept),
+                     len(jobs))  # fmt: skip
+        jobs, dsts = [job for job, _ in kept], [dst for _, dst in kept]
     check_writable(out_dir)
     device = pick_device(args.device, UsageError)
     if args.threads:
@@ -185,20 +263,17 @@ def run(args: argparse.Namespace) -> int:
         model = load_sr_model(args.checkpoint, args.config, map_location=device)
     except (ValueError, pickle.UnpicklingError, EOFError) as err:
         raise ConfigError(f"cannot load {args.checkpoint}: {err}") from err
-    resolver = SceneSuperResolver(
-        model, overlap=args.tile_overlap, precision=precision, compile=args.compile,
-        progress=not args.no_progress,
+    args.tiling = dict(
+        max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
+        precision=precision, progress=not args.no_progress,
     )  # fmt: skip
-    failed, written = [], set()
-    for src, rel in jobs:
-        dst = (out_dir / rel).with_suffix(output_suffix(src))
+    failed = []
+    for (src, _), dst in zip(jobs, dsts):
         try:
-            if dst in written:
-                raise FileExistsError(f"{dst} was already written from another input of this run")
             if dst.exists() and not args.overwrite:
-                raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-            run_one(resolver, args, src, dst)
-            written.add(dst)
+                raise FileExistsError(f"{dst} exists; pass --overwrite to replace it or "
+                                      "--skip-existing to keep it")  # fmt: skip
+            run_one(model, args, src, dst)
             log.info("wrote %s", dst)
         except (ImageReadError, FileExistsError, OSError, ValueError, RuntimeError) as err:
             log.error("%s: %s", src, err)

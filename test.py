@@ -27,7 +27,9 @@ naming the file, while metrics named in --metrics stop the run before any SR wor
 
 Outputs (--out-dir, default results/<run or checkpoint name>): <dataset>/x<s>/sr/*.png (also
 sr_kd/, reconstruction/, bicubic/), <dataset>/x<s>/per_image.csv, and summary.csv, summary.json,
-summary.md for the whole run. Runtime = wall time of the SR call per image (CUDA synchronised);
+summary.md for the whole run. Scenes of any size run in bounded memory: those whose untiled run
+would need more than --max-memory GB are tiled (--tile, --tile-overlap; see super_resolve.py).
+Runtime = wall time of the SR call per image (CUDA synchronised);
 peak memory = torch.cuda.max_memory_allocated on CUDA, the process peak RSS on CPU. A non-empty
 --out-dir is refused unless --overwrite. Images too small for a scale are listed as failed in
 per_image.csv and the run goes on; bad arguments stop it with a one-line message (exit code 2).
@@ -51,6 +53,7 @@ from data.test_pairs import (
     resolve_dataset,
 )
 from models import load_first_stage_model, load_sr_model
+from models.inference import check_tile
 from utils.cli import HelpFormatter, pick_device
 from utils.config import ConfigError
 from utils.evaluation import evaluate, load_metrics, prepare_out_dir, write_summary
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="batch b samples with seed + b")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     add("--batch-size", type=int, default=1, help="images per batch (equal-size images only)")
+    add("--max-memory", type=float, default=2.0, help="GB an untiled run may use (auto tiling)")
+    add("--tile", type=int, default=None, help="LR tile size; 0 = off; default: auto")
+    add("--tile-overlap", type=int, default=16, help="LR overlap of neighbouring tiles")
     add("--save-images", action=argparse.BooleanOptionalAction, default=True, help="keep PNGs")
     add("--out-dir", default=None, help="run folder (default results/<run or checkpoint name>)")
     add("--overwrite", action="store_true", help="write into a non-empty --out-dir")
@@ -121,6 +127,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(str(err))
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        check_tile(args.tile or 0, args.tile_overlap)
+    except ValueError as err:
+        parser.error(f"--tile / --tile-overlap: {err}")
     if args.first_stage and (args.sr_kd or datatype not in REFERENCE_DATATYPES):
         parser.error("--first-stage needs HR images (hr-downsample or paired) and no --sr-kd")
     device = pick_device(args.device, EvaluationError)
@@ -134,6 +144,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     log.info("device %s, metrics %s, writing to %s", device, list(metrics.names), out_dir)
     options = dict(datatype=datatype, metrics=metrics, seed=args.seed, test_y=args.test_y)
     options.update(batch_size=args.batch_size, save_images=args.save_images, sr_kd=args.sr_kd)
+    options["tiling"] = dict(
+        max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap
+    )
     rows = []
     for source in sources:
         rows += evaluate(model, source, scales, out_dir, overwrite=args.overwrite, **options)

@@ -2,8 +2,11 @@
 
     python train.py --config configs/first_stage_kl_v6.yaml
     python train.py --config configs/second_stage_van_v4.yaml \
-        model.params.first_stage_config.params.ckpt_path=logs/first_stage_kl_v6/<run>/checkpoints/last.ckpt
+        model.params.first_stage_config.params.ckpt_path=logs/first_stage_kl_v6/<run>/checkpoints/best.ckpt
     python train.py --resume logs/first_stage_kl_v6/<run>            # continue an interrupted run
+
+Overrides (dotted.key=value) and options may come in any order. A resume continues exactly where
+the run stopped (mid-epoch too) with the seed kept in <run>/run.yaml.
 
 Runs are written to logs/<config-stem>/<timestamp>[_name]/ with configs/ (the resolved config),
 checkpoints/ (best by the config's monitor, plus last.ckpt), tensorboard/, csv/ and images/.
@@ -25,13 +28,16 @@ from utils.training import (
     build_loggers,
     make_run_dir,
     resolve_resume,
+    resolve_seed,
     resolve_strategy,
     save_config,
     set_learning_rate,
+    write_run_record,
 )
 
 log = logging.getLogger("train")
 RUN_DIR_ENV = "LDCSR_RUN_DIR"
+DEFAULT_SEED = 23
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     parser.add_argument("--name", default="", help="suffix of the run folder name")
     parser.add_argument("--resume", default=None, help="run folder or checkpoint to resume from")
-    parser.add_argument("--seed", type=int, default=23, help="seed for weights, data and scales")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed for weights, data and scales (default {DEFAULT_SEED}); a resume reuses the "
+        "run's seed from <run>/run.yaml",
+    )
     parser.add_argument("--logdir", default="logs", help="parent folder of the run folders")
     parser.add_argument(
         "--run-dir",
@@ -51,9 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default=None, help="cpu, gpu, auto (overrides config)")
     parser.add_argument("--devices", default=None, help="device count or list (overrides config)")
     parser.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed, ...")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     # `--config a.yaml key=value` puts the overrides into --config's list: move them.
-    args.overrides = [c for c in args.config if "=" in c] + args.overrides
+    overrides = [c for c in args.config if "=" in c] + args.overrides
+    argv = sys.argv[1:] if argv is None else argv
+    args.overrides = sorted(overrides, key=argv.index)  # in command-line order: later wins
     args.config = [c for c in args.config if "=" not in c]
     return args
 
@@ -78,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     # The one-scale-per-batch sampler shards indices across ranks itself.
     trainer_cfg.setdefault("use_distributed_sampler", False)
 
-    pl.seed_everything(args.seed, workers=True)
+    seed = resolve_seed(args.seed, run_dir, DEFAULT_SEED)
+    pl.seed_everything(seed, workers=True)
     model = instantiate_from_config(config.model)
     data = instantiate_from_config(config.data)
     resolve_strategy(trainer_cfg, model)
@@ -91,12 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         **trainer_cfg,
         default_root_dir=str(run_dir),
         logger=build_loggers(run_dir, resumed=ckpt_path is not None),
-        callbacks=build_callbacks(config, run_dir),
+        callbacks=build_callbacks(config, run_dir, seed=seed),
         plugins=[AtomicCheckpointIO()],
     )
     set_learning_rate(model, config, trainer)
     if trainer.is_global_zero:
         save_config(config, run_dir, Path(configs[-1]).stem)
+        write_run_record(run_dir, seed=seed)
         log.info("run folder: %s", run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:

@@ -1,4 +1,4 @@
-"""Speed and memory of LDCSR super-resolution: our inference path vs the straightforward one.
+"""Speed and memory of LDCSR super-resolution: the public API vs the plain module forward.
 
     python benchmarks/speed.py                         # CPU, x2 x4 x8 to 600x600, paper config
     python benchmarks/speed.py --scales 4 --repeats 3 --threads 1
@@ -8,13 +8,15 @@ One LR image per scale (random content; the paper config with random weights, th
 zero-initialised convs included (`randomize_zero_init`), which does not change the work done),
 LR = int(600 / s), output 600x600, seed 0, run on the same machine in one process:
 
-  reference+extras  `LDCSR.super_resolve`'s network as ARCHITECTURE.md describes it (fp32, NCHW,
-                    no_grad) plus the authors' test-time extras: the HR encoding and two more
-                    decodes (the reconstruction and the condition, "sr_kd");
-  reference         `LDCSR.super_resolve` alone;
-  ours              `models.inference.SceneSuperResolver` (inference_mode, channels-last, the
+  reference+extras  the authors' SR path: the modules' plain forward (fp32, NCHW, their
+                    autograd-mode branches, with frozen weights so no graph is built; untiled)
+                    plus the authors' test-time extras: the HR encoding and two more decodes (the
+                    reconstruction and the condition, "sr_kd");
+  reference         that plain forward alone;
+  ours              the public API `LDCSR.super_resolve` (the modules' inference-mode branches:
+                    inference_mode, in-place activations, a channels-last decoder, the
                     upsampler's fusion MLP as matrix products, the 8x level folded at x2 and
-                    x4), untiled.
+                    x4; untiled at this size under the default memory budget).
 
 Printed: seconds per image (median of --repeats; the methods alternate within each repeat, after
 a warm-up on a 4x smaller image), peak memory during the call (CUDA: max allocated; CPU: peak RSS
@@ -43,7 +45,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.inference import SceneSuperResolver  # noqa: E402
 from models.ldcsr import randomize_zero_init  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 from utils.config import instantiate_from_config  # noqa: E402
@@ -103,27 +104,31 @@ class PeakMemory:
             self.peak = max(self.peak, self.rss())
 
 
-def reference_extras(model, lr: torch.Tensor, hr: torch.Tensor, out_size, generator):
-    """The authors' test step: SR, plus HR encoding and decodes of the reconstruction and of the
-    condition (their `sr_kd`), the condition computed once. Returns the SR in [0, 1]."""
-    with torch.no_grad(), model.ema_scope():
+def reference_sr(model, lr, hr, out_size, generator, extras: bool = False) -> torch.Tensor:
+    """The authors' SR path: the modules' plain forward (autograd-mode branches; the weights are
+    frozen, so no graph is built), untiled. With `extras`, their test step's HR encoding and
+    decodes of the reconstruction and of the condition (`sr_kd`). Returns the SR in [0, 1]."""
+    with torch.enable_grad(), model.ema_scope():
         lr_m, hr_m = lr * 2 - 1, hr * 2 - 1
         cond = model.encode_condition(lr_m, out_size)
         z0 = model.sample_latent(lr_m, out_size, generator=generator, cond=cond)
         sr = model.decode_latent(z0, lr_m, out_size)
-        posterior = model.first_stage_model.encode(hr_m, lr_m)
-        model.first_stage_model.decode(posterior.sample(), lr_m, out_size)  # reconstruction
-        model.decode_latent(cond, lr_m, out_size)  # sr_kd
+        if extras:
+            posterior = model.first_stage_model.encode(hr_m, lr_m)
+            model.first_stage_model.decode(posterior.sample(), lr_m, out_size)  # reconstruction
+            model.decode_latent(cond, lr_m, out_size)  # sr_kd
     return (sr + 1) / 2
 
 
 def methods(reference_model, our_model, precision: str) -> dict:
-    ours = SceneSuperResolver(our_model, precision=precision)
+    reference_model.requires_grad_(False)
     return {
-        "ours": lambda lr, hr, size, g: ours(lr, size, generator=g),
-        "reference": lambda lr, hr, size, g: reference_model.super_resolve(lr, size, generator=g),
-        "reference+extras": lambda lr, hr, size, g: reference_extras(
-            reference_model, lr, hr, size, g
+        "ours": lambda lr, hr, size, g: our_model.super_resolve(
+            lr, size, generator=g, precision=precision
+        ),
+        "reference": lambda lr, hr, size, g: reference_sr(reference_model, lr, hr, size, g),
+        "reference+extras": lambda lr, hr, size, g: reference_sr(
+            reference_model, lr, hr, size, g, extras=True
         ),
     }
 
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = instantiate_from_config(OmegaConf.load(args.config).model).eval()
     randomize_zero_init(model)  # eps != 0, so the equality check covers the sampling chain
-    ours_model = copy.deepcopy(model).to(device)  # converted to channels-last by ours
+    ours_model = copy.deepcopy(model).to(device)
     model = model.to(device)
     runs = {
         k: v for k, v in methods(model, ours_model, args.precision).items() if k in args.methods

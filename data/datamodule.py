@@ -7,11 +7,12 @@ every split at a dataset: `python train.py --config ... data.params.data_root=/p
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.datasets import MultiScaleTrainDataset
@@ -21,20 +22,76 @@ from utils.config import instantiate_from_config
 _STAGES = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
 
 
+class ResumableLoader(DataLoader):
+    """DataLoader over a `ScaleBatchSampler` that Lightning checkpoints and restores mid-epoch.
+
+    Lightning saves `state_dict()` of a train loader that has one (in the fit loop's checkpoint
+    state) and calls `load_state_dict()` when it resumes a run. The state is the sampler's epoch
+    and seed plus the number of batches this loader has handed out in that epoch (counted here,
+    not in the sampler, which worker processes read ahead of training), so a resumed run gets the
+    remaining batches of the interrupted epoch in the same order with the same scales and item
+    seeds. Each iteration takes its epoch from `current_epoch()` (the trainer's epoch counter)
+    rather than from Lightning's `set_epoch`, whose argument runs one epoch ahead after a resume
+    from a checkpoint saved when `max_steps` stopped a run mid-epoch.
+
+    Args:
+        dataset, batch_sampler, kwargs: as for `DataLoader`.
+        current_epoch: returns the epoch to iterate over, or None to keep the sampler's.
+    """
+
+    batch_sampler: ScaleBatchSampler
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_sampler: ScaleBatchSampler,
+        current_epoch: Callable[[], int | None] = lambda: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.current_epoch = current_epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained on)
+        self._yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: this runs at the first `next()`, after Lightning has set up the epoch.
+        sampler = self.batch_sampler
+        epoch = self.current_epoch()
+        sampler.set_epoch(sampler.epoch if epoch is None else epoch)
+        resume, self._resume = self._resume, None
+        self._yielded = resume[1] if resume is not None and resume[0] == sampler.epoch else 0
+        sampler.start_at(self._yielded)
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The sampler's epoch and seed, and `batches`: how many of its batches were handed out."""
+        return {**self.batch_sampler.state_dict(), "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state`: the next iteration skips the batches already trained on."""
+        self.batch_sampler.load_state_dict(state)
+        self._resume = (int(state["epoch"]), int(state.get("batches", 0)))
+
+
 class DataModule(pl.LightningDataModule):
     """Train/validation/test datasets from `{target, params}` configs.
 
-    The train loader of a `MultiScaleTrainDataset` uses `ScaleBatchSampler` (one scale per batch,
-    seeded by the seed of `pl.seed_everything`; its epoch/seed are saved in checkpoints through
-    `state_dict`). Validation and test loaders use batch size 1 (image sizes differ) in order.
+    The train loader of a `MultiScaleTrainDataset` is a `ResumableLoader` over a
+    `ScaleBatchSampler` (one scale per batch, `data_length` samples per epoch, seeded by the seed
+    of `pl.seed_everything`); Lightning saves its position in checkpoints, so a run resumes
+    mid-epoch exactly. Validation and test loaders use batch size 1 (image sizes differ) in order.
     `setup` checks every image header and size, so bad files are listed before training starts.
 
-    Reproducibility: no `worker_init_fn` is set, so that `pl.seed_everything(seed, workers=True)`
-    installs Lightning's, which seeds torch/numpy/random per worker and per rank; DataLoader's own
-    per-worker torch seeding (drawn from the seeded global RNG) covers the crops otherwise.
+    Reproducibility: training crops are seeded per item by the sampler, and the train loader has
+    its own seeded generator, so loading draws nothing from the global RNGs that the models use.
 
     Args:
         batch_size: training batch size per device.
+        data_length: training samples per epoch over all devices (the authors': 4000 in stage 1,
+            8000 in stage 2), a fresh random subset of the images each epoch (images repeat when
+            the folder is smaller); null iterates over every training image once per epoch.
         num_workers: DataLoader worker processes.
         train, validation, test: `{target, params}` dataset configs, or None.
         data_root: folder that relative dataset roots are resolved against; None keeps them
@@ -49,9 +106,10 @@ class DataModule(pl.LightningDataModule):
         validation: Mapping | None = None,
         test: Mapping | None = None,
         data_root: str | None = None,
+        data_length: int | None = None,
     ) -> None:
         super().__init__()
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.data_length = batch_size, num_workers, data_length
         self.data_root = Path(data_root).expanduser() if data_root is not None else None
         self.configs = {"train": train, "validation": validation, "test": test}
         self.datasets: dict[str, Dataset] = {}
@@ -92,11 +150,26 @@ class DataModule(pl.LightningDataModule):
         # Same seed on every rank: the one pl.seed_everything exports (0 when it was not called).
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.train_sampler = ScaleBatchSampler(
-            len(dataset), self.batch_size, dataset.min_scale, dataset.max_scale, seed=seed
+            len(dataset),
+            self.batch_size,
+            dataset.min_scale,
+            dataset.max_scale,
+            seed=seed,
+            data_length=self.data_length,
         )
         if self._sampler_state is not None:
             self.train_sampler.load_state_dict(self._sampler_state)
-        return self._loader(dataset, batch_sampler=self.train_sampler)
+        # Its own generator: creating an iterator must not draw from the global torch RNG.
+        generator = torch.Generator().manual_seed(seed)
+        workers = self.num_workers
+        return ResumableLoader(
+            dataset,
+            batch_sampler=self.train_sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=generator,
+            current_epoch=lambda: self.trainer.current_epoch if self.trainer else None,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         dataset = self.datasets.get("validation")

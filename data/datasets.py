@@ -220,12 +220,14 @@ class MultiScaleTrainDataset(Dataset):
     Exactly one of `lr_size` (stage 1: LR fixed at lr_size px, HR crop `int(lr_size * s)` px) or
     `hr_size` (stage 2: HR crop fixed at hr_size px, LR `int(hr_size / s)` px) is set. The crop is
     taken at a random position, augmented (flips, 90-degree rotation), and the LR is its Pillow
-    bicubic resize. Random numbers come from torch's global RNG, which DataLoader seeds per worker
-    (and Lightning per rank with `pl.seed_everything(seed, workers=True)`).
+    bicubic resize.
 
-    Items are indexed by `(index, scale)` tuples, as `ScaleBatchSampler` yields them: the scale
-    must be shared by the whole batch so that its tensors stack, which a per-item index cannot
-    express. `scale` in the item is the effective HR height / LR height.
+    Items are indexed by `(index, scale, item_seed)` tuples, as `ScaleBatchSampler` yields them:
+    the scale must be shared by the whole batch so that its tensors stack, which a per-item index
+    cannot express, and the crop position and flips are drawn from a generator seeded with
+    `item_seed`, so they do not depend on the DataLoader worker or on where a run was resumed.
+    An `(index, scale)` pair draws them from torch's global RNG instead. `scale` in the item is
+    the effective HR height / LR height.
 
     Args:
         root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
@@ -286,13 +288,14 @@ class MultiScaleTrainDataset(Dataset):
         """Check every image header and that every image fits the largest crop."""
         self.images.validate(min_size=self.max_crop())
 
-    def __getitem__(self, item: tuple[int, float]) -> dict:
-        if not isinstance(item, tuple | list) or len(item) != 2:
+    def __getitem__(self, item: tuple[int, float] | tuple[int, float, int]) -> dict:
+        if not isinstance(item, tuple | list) or len(item) not in (2, 3):
             raise TypeError(
-                f"MultiScaleTrainDataset is indexed by (index, scale) tuples, got {item!r}; "
-                f"load it with DataLoader(batch_sampler=ScaleBatchSampler(...))"
+                f"MultiScaleTrainDataset is indexed by (index, scale[, item_seed]) tuples, got "
+                f"{item!r}; load it with DataLoader(batch_sampler=ScaleBatchSampler(...))"
             )
-        index, scale = item
+        index, scale = item[:2]
+        rng = torch.Generator().manual_seed(int(item[2])) if len(item) == 3 else None
         img, name = self.images[index]
         if self.lr_size is not None:
             crop, lr_hw = int(self.lr_size * scale), (self.lr_size, self.lr_size)
@@ -304,11 +307,11 @@ class MultiScaleTrainDataset(Dataset):
                 f"{crop}x{crop} HR crop needed at scale {scale:.3f}; lower max_scale "
                 f"({self.max_scale}) or remove the image"
             )
-        top = int(torch.randint(img.height - crop + 1, ()))
-        left = int(torch.randint(img.width - crop + 1, ()))
+        top = int(torch.randint(img.height - crop + 1, (), generator=rng))
+        left = int(torch.randint(img.width - crop + 1, (), generator=rng))
         hr = img.crop((left, top, left + crop, top + crop))
         if self.augment:
-            hr = augment_image(hr)
+            hr = augment_image(hr, rng)
         return _item(resize_bicubic(hr, lr_hw), hr, name)
 
 

@@ -13,13 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.blocks import lean
+from ldm.upsampler import CHUNK_PIXELS
+
 
 class LocalImplicitUpsampler(nn.Module):
-    """RGB(q) = MLP(f(nearest LR cell of q), q - centre of that cell, cell size), per output pixel.
+    """RGB(q) = MLP(f(LR cell of q), q - centre of that cell, cell size), per output pixel.
 
-    Coordinates are in [-1, 1] (align_corners=False); the relative coordinate is measured in LR
-    pixels and the cell size in LR pixels too, so one MLP serves every scale. The MLP is a stack of
-    1x1 convolutions over the output grid.
+    The LR cell of q is the one it lies in (the floor of its LR coordinate). Coordinates are in
+    [-1, 1] (align_corners=False); the relative coordinate is measured in LR pixels and the cell
+    size in LR pixels too, so one MLP serves every scale. The MLP is a stack of 1x1 convolutions
+    over the output grid (run on chunks of rows outside autograd).
 
     Args:
         channels: feature width of the SR branch.
@@ -40,21 +44,42 @@ class LocalImplicitUpsampler(nn.Module):
     def last_layer(self) -> torch.Tensor:
         return self.mlp[-1].weight
 
-    def forward(self, x: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-        """x: [B, C, h, w] -> [B, out_channels, *out_size]."""
-        (b, _, h, w), (oh, ow) = x.shape, (int(out_size[0]), int(out_size[1]))
-        ys = (torch.arange(oh, device=x.device, dtype=x.dtype) + 0.5) / oh * 2 - 1  # [oh]
-        xs = (torch.arange(ow, device=x.device, dtype=x.dtype) + 0.5) / ow * 2 - 1  # [ow]
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [oh, ow, 2] (x, y)
-        grid = grid.unsqueeze(0).expand(b, -1, -1, -1)
-        feat = F.grid_sample(x, grid, mode="nearest", align_corners=False)  # [B, C, oh, ow]
-        # Centre of the nearest LR cell, in [-1, 1], then the offset in LR pixels.
-        size = torch.tensor([w, h], device=x.device, dtype=x.dtype)
-        centre = (torch.floor((grid + 1) / 2 * size).clamp(max=size - 1) + 0.5) / size * 2 - 1
-        rel = ((grid - centre) * size / 2).permute(0, 3, 1, 2)  # [B, 2, oh, ow]
-        cell = torch.tensor([w / ow, h / oh], device=x.device, dtype=x.dtype)
-        cell = cell.view(1, 2, 1, 1).expand(b, -1, oh, ow)
-        return self.mlp(torch.cat([feat, rel, cell], dim=1))
+    def peak_elements(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1):
+        """Rough count of the float activations alive at once in `forward` (inference)."""
+        out_px = int(out_size[0]) * int(out_size[1])
+        width = self.mlp[0].in_channels
+        return batch * 2 * width * out_px + 2 * self.mlp[0].out_channels * CHUNK_PIXELS
+
+    def forward(self, x: torch.Tensor, out_size: Sequence[int], window=None) -> torch.Tensor:
+        """x: [B, C, h, w] -> [B, out_channels, *out_size] (or the output window of a tile: see
+        `ScaleAwareUpsampler.forward`)."""
+        out_size = (int(out_size[0]), int(out_size[1]))
+        if window is None:
+            lr_size, spans, offset = x.shape[-2:], ((0, out_size[0]), (0, out_size[1])), (0, 0)
+        else:
+            lr_size, spans, offset = window.lr_size, (window.rows, window.cols), window.offset
+        (rows, rel_y), (cols, rel_x) = (
+            _cells(n, m, span, x) for n, m, span in zip(lr_size, out_size, spans)
+        )
+        feat = x.index_select(2, rows - offset[0]).index_select(3, cols - offset[1])
+        b, (nr, nc) = x.shape[0], feat.shape[-2:]
+        rel = torch.stack([rel_x[None, :].expand(nr, nc), rel_y[:, None].expand(nr, nc)])
+        cell = torch.tensor([lr_size[1] / out_size[1], lr_size[0] / out_size[0]], dtype=x.dtype)
+        cell = cell.to(x.device).view(2, 1, 1).expand(2, nr, nc)
+        query = torch.cat([feat, torch.cat([rel, cell])[None].expand(b, -1, -1, -1)], dim=1)
+        if not lean():
+            return self.mlp(query)
+        step = max(1, CHUNK_PIXELS // nc)  # bounded MLP activations: rows in chunks
+        return torch.cat([self.mlp(query[:, :, r : r + step]) for r in range(0, nr, step)], 2)
+
+
+def _cells(n: int, m: int, span, like: torch.Tensor):
+    """Along one axis of n LR / m output pixels, outputs [a, b): the LR cell each lies in
+    (floor((i + 0.5) n / m)) and its offset from that cell's centre in LR pixels."""
+    q = (torch.arange(*span, device=like.device, dtype=like.dtype) + 0.5) / m * 2 - 1  # [-1, 1]
+    index = torch.floor((q + 1) / 2 * n).clamp(max=n - 1)
+    centre = (index + 0.5) / n * 2 - 1
+    return index.long(), (q - centre) * n / 2
 
 
 class PixelShuffleUpsampler(nn.Module):
@@ -77,8 +102,17 @@ class PixelShuffleUpsampler(nn.Module):
     def last_layer(self) -> torch.Tensor:
         return self.conv.weight
 
-    def forward(self, x: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    def peak_elements(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1):
+        """Rough count of the float activations alive at once in `forward` (inference)."""
+        lr_px, out_px = int(lr_size[0]) * int(lr_size[1]), int(out_size[0]) * int(out_size[1])
+        return batch * 2 * (self.conv.out_channels * lr_px + 3 * out_px)
+
+    def forward(self, x: torch.Tensor, out_size: Sequence[int], window=None) -> torch.Tensor:
+        """x: [B, C, h, w] -> [B, out_channels, *out_size] (or a tile's output window: see
+        `ScaleAwareUpsampler.forward`)."""
         out = self.shuffle(self.conv(x))  # [B, out, 4h, 4w]
+        if window is not None:
+            return window.resize(out, "bicubic", 4)
         out_size = (int(out_size[0]), int(out_size[1]))
         if out.shape[-2:] != out_size:
             out = F.interpolate(out, size=out_size, mode="bicubic", align_corners=False)

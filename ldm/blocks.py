@@ -16,8 +16,26 @@ def normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-def swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+def swish(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """x * sigmoid(x); `inplace` overwrites x (only for a fresh tensor outside autograd)."""
+    return F.silu(x, inplace=True) if inplace else x * torch.sigmoid(x)
+
+
+def lean() -> bool:
+    """True outside autograd (inference): temporaries may then be overwritten in place."""
+    return not torch.is_grad_enabled()
+
+
+def inference_layout(x: torch.Tensor) -> torch.Tensor:
+    """x in channels-last memory outside autograd (faster CPU convolutions), unchanged otherwise."""
+    return x.contiguous(memory_format=torch.channels_last) if lean() and x.dim() == 4 else x
+
+
+def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t contiguous in the memory format of x (a channel slice of a channels-last tensor would
+    send the next convolution to PyTorch's slow fallback)."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 class ResnetBlock(nn.Module):
@@ -42,11 +60,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
+        # Outside autograd the norm outputs and the conv output are fresh: SiLU and the residual
+        # run in place (3 instead of ~6 full-size temporaries).
+        inplace = lean()
+        h = self.conv1(swish(self.norm1(x), inplace))
+        h = self.conv2(self.dropout(swish(self.norm2(h), inplace)))
+        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return h.add_(skip) if inplace else skip + h
 
 
 class Downsample(nn.Module):
@@ -63,7 +83,8 @@ class Downsample(nn.Module):
 class ContrastChannelAttention(nn.Module):
     """IMDN's contrast-aware channel attention: x * sigmoid(MLP(std(x) + mean(x))).
 
-    The statistics are per channel over H, W; the std is the population std.
+    The statistics are per channel over H, W; the std is the population std. `reweight` applies
+    the attention with given statistics (tiles of a scene share the whole scene's).
     """
 
     def __init__(self, channels: int, reduction: int = 16):
@@ -77,9 +98,12 @@ class ContrastChannelAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
-        std = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
-        return x * self.conv_du(std + mean)
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)  # [B, C, 1, 1]
+        return self.reweight(x, mean, var)
+
+    def reweight(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] times the attention of per-channel moments mean, var [B, C, 1, 1]."""
+        return x * self.conv_du(var.sqrt() + mean)
 
 
 class IMDModule(nn.Module):
@@ -104,14 +128,17 @@ class IMDModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = (self.distilled, self.remaining)
         d1, r = torch.split(self.act(self.c1(x)), split, dim=1)
-        d2, r = torch.split(self.act(self.c2(r)), split, dim=1)
-        d3, r = torch.split(self.act(self.c3(r)), split, dim=1)
-        out = torch.cat([d1, d2, d3, self.c4(r)], dim=1)  # [B, 4d, h, w]
+        d2, r = torch.split(self.act(self.c2(like(r, x))), split, dim=1)
+        d3, r = torch.split(self.act(self.c3(like(r, x))), split, dim=1)
+        out = torch.cat([d1, d2, d3, self.c4(like(r, x))], dim=1)  # [B, 4d, h, w]
         return self.c5(self.cca(out)) + x
 
 
 class FRU(nn.Module):
     """Feature refinement unit: n IMD modules, their outputs concatenated, fused, plus a skip.
+
+    The 1x1 fusion of the n concatenated outputs is computed as the sum of its n channel blocks
+    applied module by module (same math, no n*nf-channel concatenation).
 
     Args:
         channels: feature width nf.
@@ -128,11 +155,14 @@ class FRU(nn.Module):
         self.LR_conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs, h = [], x
-        for block in self.IMDB:
-            h = block(h)
-            outs.append(h)
-        return self.LR_conv(self.c(torch.cat(outs, dim=1))) + x
+        fusion, nf = self.c[0], x.shape[1]
+        fused, h = None, x
+        for j, block in enumerate(self.IMDB):
+            h = block(h)  # [B, nf, h, w]
+            weight = like(fusion.weight[:, j * nf : (j + 1) * nf], h)  # block j of the 1x1 conv
+            part = F.conv2d(h, weight, fusion.bias if j == 0 else None)
+            fused = part if fused is None else fused.add_(part)
+        return self.LR_conv(self.c[1](fused)) + x
 
 
 class ScaleModulation(nn.Module):
@@ -154,4 +184,4 @@ class ScaleModulation(nn.Module):
         norm = torch.sqrt(a * a + b * b + 1e-8)
         a = (a / norm)[:, :, None, None]
         b = (b / norm)[:, :, None, None]
-        return F.leaky_relu(x * a + h * b, 0.01)
+        return F.leaky_relu(x * a + h * b, 0.01, inplace=lean())

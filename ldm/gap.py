@@ -14,8 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.baseline_upsamplers import LocalImplicitUpsampler, PixelShuffleUpsampler
-from ldm.blocks import FRU, Downsample, ResnetBlock, ScaleModulation, normalize, swish
-from ldm.upsampler import ScaleAwareUpsampler
+from ldm.blocks import (
+    FRU,
+    Downsample,
+    ResnetBlock,
+    ScaleModulation,
+    inference_layout,
+    lean,
+    normalize,
+    swish,
+)
+from ldm.upsampler import ScaleAwareUpsampler, resize_to
 
 UPSAMPLERS = {
     "scale_aware": lambda ch, out: ScaleAwareUpsampler(ch, out, num_levels=4),
@@ -87,6 +96,9 @@ class GAPEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, in, H, W] -> [B, (2)z, ~H/8, ~W/8]."""
+        # Kept in NCHW: channels-last convolutions round differently, and the sampling chain
+        # amplifies the condition's rounding ~25x (conformance tolerance 1e-4).
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
@@ -94,7 +106,12 @@ class GAPEncoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.block_1(h))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), inplace=lean()))
+
+    def peak_elements(self, size: Sequence[int], batch: int = 1) -> int:
+        """Rough count of the float activations alive at once on an input of `size`: about four
+        maps of the first level's width at full resolution (inference)."""
+        return 4 * batch * self.conv_in.out_channels * int(size[0]) * int(size[1])
 
 
 class GAPDecoder(nn.Module):
@@ -201,19 +218,52 @@ class GAPDecoder(nn.Module):
     def last_layer(self) -> torch.Tensor:
         return self.upsampler.last_layer
 
-    def embed_latent(self, z: torch.Tensor, lr_size: tuple[int, int], scale: float):
-        """Latent branch: yields (h_k [B, ch, h_lr, w_lr], a_k [1, ch], b_k [1, ch]) per level."""
-        s = torch.tensor([[float(scale)]], dtype=z.dtype, device=z.device)
-        h = self.mid.block_2(self.mid.block_1(self.conv_in(z)))
+    def latent_features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Embedding branch before the resize to the LR size: h_k [B, ch, h_z, w_z] per level,
+        in processing order (k = 0 is level L-1)."""
+        h = self.mid.block_2(self.mid.block_1(self.conv_in(inference_layout(z))))
+        feats = []
         for i in reversed(range(len(self.up))):
             level = self.up[i]
             for block in level.block:
                 h = block(h)
-            feat = F.interpolate(level.transfer(h), size=lr_size, mode="nearest")
-            if self.fusion == "add":
-                yield feat, None, None
-            else:
-                yield feat, level.condition_scale1(s), level.condition_scale2(s)
+            feats.append(level.transfer(h))
+        return feats
+
+    def modulations(self, scale: float, like: torch.Tensor) -> list[tuple | None]:
+        """(a_k, b_k) [1, ch] per level from the scale s = H_out / h_lr (None without them)."""
+        if not self.use_latent or self.fusion == "add":
+            return [None] * len(self.FRUList)
+        s = torch.tensor([[float(scale)]], dtype=like.dtype, device=like.device)
+        return [(self.up[i].condition_scale1(s), self.up[i].condition_scale2(s)) for i in
+                reversed(range(len(self.up)))]  # fmt: skip
+
+    def sr_branch(self, lr: torch.Tensor, feats, scale: float) -> torch.Tensor:
+        """`head`, then per level the fusion with h_k and FRU k.
+
+        Args:
+            lr: [B, in, h, w] in [-1, 1].
+            feats: h_k [B, ch, h, w] per level (already at the LR size), or None without latent.
+            scale: s = H_out / h_lr of the whole image.
+
+        Returns:
+            [B, ch, h, w] features for the upsampler.
+        """
+        x = self.head(inference_layout(lr))  # [B, ch, h, w]
+        for k, (fru, mod) in enumerate(zip(self.FRUList, self.modulations(scale, x))):
+            if feats is not None:
+                feat = feats[k].to(x.dtype)
+                x = x + feat if self.fusion == "add" else self.style(x, *mod, feat)
+            x = fru(x)
+        return x
+
+    def render(self, x: torch.Tensor, lr: torch.Tensor, out_size, window=None) -> torch.Tensor:
+        """`upsampler(x, out_size) + bicubic_up(lr, out_size)` -> [B, out_ch, *out_size]; with
+        `window` (a tile: see `ScaleAwareUpsampler.forward`) its output window."""
+        resize = window.resize if window is not None else resize_to(out_size)
+        skip = resize(lr, "bicubic", 1)
+        out = self.upsampler(x, out_size, window)
+        return out.add_(skip) if lean() else out + skip
 
     def forward(
         self, z: torch.Tensor | None, lr: torch.Tensor, out_size: Sequence[int]
@@ -221,14 +271,18 @@ class GAPDecoder(nn.Module):
         """z: [B, z, h_z, w_z] (None without latent); lr: [B, 3, h, w] in [-1, 1]
         -> [B, out_ch, *out_size]."""
         out_size = (int(out_size[0]), int(out_size[1]))
-        scale = out_size[0] / lr.shape[-2]  # height ratio s = H_out / h_lr
-        x = self.head(lr)  # [B, ch, h, w]
-        if not self.use_latent:
-            for fru in self.FRUList:
-                x = fru(x)
-        else:
-            levels = self.embed_latent(z, lr.shape[-2:], scale)
-            for fru, (feat, a, b) in zip(self.FRUList, levels):
-                x = fru(x + feat if self.fusion == "add" else self.style(x, a, b, feat))
-        up = F.interpolate(lr, size=out_size, mode="bicubic", align_corners=False)
-        return self.upsampler(x, out_size) + up
+        feats = None
+        if self.use_latent:
+            lr_size = tuple(lr.shape[-2:])
+            feats = [
+                F.interpolate(h, size=lr_size, mode="nearest") for h in self.latent_features(z)
+            ]
+        x = self.sr_branch(lr, feats, out_size[0] / lr.shape[-2])  # scale s = H_out / h_lr
+        return self.render(x, lr, out_size)
+
+    def peak_elements(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1):
+        """Rough count of the float activations alive at once (inference): those of the
+        upsampler, plus the SR branch's at the LR size."""
+        lr_px = int(lr_size[0]) * int(lr_size[1])
+        sr_branch = 8 * batch * self.head.out_channels * lr_px
+        return self.upsampler.peak_elements(lr_size, out_size, batch) + sr_branch

@@ -118,7 +118,7 @@ def build_lpips_vgg() -> nn.Module:
     try:
         with warnings.catch_warnings():  # lpips uses torchvision's deprecated `pretrained=`
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*")
-            return lpips.LPIPS(net="vgg", verbose=False)
+            return lpips.LPIPS(net="vgg", use_dropout=True, verbose=False)  # taming: dropout
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a corrupt file a RuntimeError
         raise RuntimeError(
             f"LPIPS needs the torchvision VGG16 weights '{VGG16_FILE}' in {folder} "
@@ -153,13 +153,15 @@ class LPIPSWithDiscriminator(nn.Module):
     ``g = -mean(D(x_hat))``, ``loss = nll + kl_weight * kl + d_weight * disc_factor * g``.
     Discriminator (``optimizer_idx=1``): ``disc_factor * disc_loss(D(x), D(x_hat))``.
 
-    The perceptual net stays in eval mode with frozen weights, also after ``.train()`` (the
-    authors' ``LPIPS().eval()`` is switched back to train mode by Lightning, which enables the
-    LPIPS heads' dropout; we keep LPIPS deterministic).
+    The perceptual net's weights are frozen. Like the authors' ``LPIPS().eval()``, which
+    Lightning's ``.train()`` switches back to train mode, it follows the loss module's mode: the
+    dropout in front of the LPIPS linear heads is active during training and off in validation.
+    ``lpips_eval_mode=True`` (our option) keeps it in eval mode, i.e. a deterministic LPIPS.
 
     Args:
         disc_start: first step (``global_step`` of ``forward``) at which the GAN terms are on.
-        logvar_init: initial value of the learnable scalar ``logvar``.
+        logvar_init: initial value of the scalar parameter ``logvar``. Whether an optimiser
+            trains it is the autoencoder's ``learn_logvar`` (default no, as the authors').
         kl_weight: weight of the KL term (paper 1e-6).
         pixelloss_weight: stored for config compatibility; unused, as in latent-diffusion.
         disc_num_layers, disc_in_channels, use_actnorm: discriminator architecture.
@@ -170,6 +172,8 @@ class LPIPSWithDiscriminator(nn.Module):
         disc_loss: "hinge" or "vanilla".
         perceptual_net: injected LPIPS-like module ``(x, x_hat) -> [B, 1, 1, 1]``; default
             ``lpips.LPIPS(net="vgg")`` (needs the VGG16 weights, see ``build_lpips_vgg``).
+        lpips_eval_mode: keep the perceptual net in eval mode also while training (no dropout);
+            False (the authors') lets it follow ``.train()`` / ``.eval()``.
     """
 
     def __init__(
@@ -187,12 +191,14 @@ class LPIPSWithDiscriminator(nn.Module):
         disc_conditional: bool = False,
         disc_loss: str = "hinge",
         perceptual_net: nn.Module | None = None,
+        lpips_eval_mode: bool = False,
     ):
         super().__init__()
         losses: dict[str, Callable] = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
         if disc_loss not in losses:
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
         self.kl_weight = kl_weight
+        self.lpips_eval_mode = lpips_eval_mode
         self.pixel_weight = pixelloss_weight
         self.perceptual_weight = perceptual_weight
         # Attribute names below are the authors' (checkpoint keys `loss.perceptual_loss.*`,
@@ -202,7 +208,7 @@ class LPIPSWithDiscriminator(nn.Module):
         if perceptual_net is not None:  # perceptual_weight 0 needs (and downloads) nothing
             self.perceptual_loss = perceptual_net
             _drop_lins_alias(self.perceptual_loss)
-            self.perceptual_loss.eval().requires_grad_(False)
+            self.perceptual_loss.requires_grad_(False)
         self.logvar = nn.Parameter(torch.ones(()) * logvar_init)
         self.discriminator = NLayerDiscriminator(
             disc_in_channels, n_layers=disc_num_layers, use_actnorm=use_actnorm
@@ -212,10 +218,12 @@ class LPIPSWithDiscriminator(nn.Module):
         self.disc_factor = disc_factor
         self.discriminator_weight = disc_weight
         self.disc_conditional = disc_conditional
+        self.train(self.training)  # lpips.LPIPS starts in eval mode; follow ours (or the option)
 
     def train(self, mode: bool = True) -> "LPIPSWithDiscriminator":
+        """Sets the mode; the perceptual net follows it unless ``lpips_eval_mode``."""
         super().train(mode)
-        if hasattr(self, "perceptual_loss"):
+        if self.lpips_eval_mode and hasattr(self, "perceptual_loss"):
             self.perceptual_loss.eval()
         return self
 
@@ -251,6 +259,7 @@ class LPIPSWithDiscriminator(nn.Module):
         last_layer: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         split: str = "train",
+        weights: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the generator (idx 0) or discriminator (idx 1) loss.
 
@@ -264,6 +273,9 @@ class LPIPSWithDiscriminator(nn.Module):
             last_layer: decoder's last weight, needed for the adaptive weight when training.
             cond: extra discriminator input when ``disc_conditional``.
             split: log-key prefix ("train", "val").
+            weights: optional per-pixel weights of the NLL in the total loss (broadcast to
+                [B, 3, H, W]); the logged ``nll_loss`` and the adaptive weight use the unweighted
+                NLL, as in latent-diffusion.
 
         Returns:
             (scalar loss, dict of detached scalars keyed ``{split}/...``).
@@ -288,6 +300,8 @@ class LPIPSWithDiscriminator(nn.Module):
                 inputs, reconstructions
             )  # + [B, 1, 1, 1]
         nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar
+        weighted_nll_loss = nll_loss if weights is None else weights * nll_loss
+        weighted_nll_loss = torch.sum(weighted_nll_loss) / weighted_nll_loss.shape[0]
         nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
         kl_loss = posteriors.kl()
         kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
@@ -302,7 +316,7 @@ class LPIPSWithDiscriminator(nn.Module):
                     raise
         elif self.disc_factor > 0.0 and self.training:
             raise ValueError("training the generator needs last_layer (the decoder's last weight)")
-        loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+        loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         return loss, {
             f"{split}/total_loss": loss.clone().detach().mean(),
             f"{split}/logvar": self.logvar.detach(),

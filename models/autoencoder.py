@@ -19,6 +19,7 @@ from torchvision.utils import save_image
 
 from ldm.distributions import DiagonalGaussianDistribution
 from models.guard import NonFiniteLossGuard
+from models.inference import run_tiled
 from utils.checkpoint import load_weights
 from utils.config import instantiate_from_config, to_plain
 from utils.metrics import psnr
@@ -42,8 +43,14 @@ class AutoencoderKL(pl.LightningModule):
         ckpt_path: optional checkpoint (ours or the authors') to initialise from.
         ignore_keys: state-dict key prefixes to drop when loading `ckpt_path`.
         monitor: metric name for checkpointing (read by train.py).
-        learn_logvar: optimise the loss's log-variance with the autoencoder (the method calls it
-            learnable; latent-diffusion's code leaves it out of the optimiser, which keeps it at 0).
+        learn_logvar: our option: optimise the loss's scalar log-variance with the autoencoder.
+            False (the authors'): latent-diffusion registers it as a parameter but puts it in no
+            optimiser, so it stays at `logvar_init` (0) and nll = rec.
+        shared_disc_forward: our option: the discriminator step reuses the generator step's
+            reconstruction (one forward pass less per batch). False (the authors'): it runs a
+            new forward, with a new posterior sample, through the autoencoder just updated.
+        val_sample_posterior: decode a posterior sample in validation (the authors'); False
+            decodes the posterior mean (deterministic validation metrics).
         max_skipped_batches: stop after this many consecutive batches with a non-finite loss
             (each is skipped without touching the weights).
         encoder_input: ablation switch. "hr_lr" (paper): the encoder sees cat[bicubic_up(LR), HR]
@@ -64,9 +71,11 @@ class AutoencoderKL(pl.LightningModule):
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
         monitor: str | None = None,
-        learn_logvar: bool = True,
+        learn_logvar: bool = False,
         max_skipped_batches: int = 20,
         encoder_input: str = "hr_lr",
+        shared_disc_forward: bool = False,
+        val_sample_posterior: bool = True,
     ):
         super().__init__()
         encoder_config, decoder_config = to_plain(encoder_config), to_plain(decoder_config)
@@ -91,6 +100,8 @@ class AutoencoderKL(pl.LightningModule):
             self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.loss = instantiate_from_config(lossconfig) if lossconfig else None
         self.monitor = monitor
+        self.shared_disc_forward = shared_disc_forward
+        self.val_sample_posterior = val_sample_posterior
         self.learning_rate = 4.5e-6 * 4  # the paper's rate at batch 4, one device
         self.batches_seen = 0  # drives disc_start; saved in the checkpoint
         self.guard = NonFiniteLossGuard(max_skipped_batches)
@@ -101,12 +112,43 @@ class AutoencoderKL(pl.LightningModule):
     # ----------------------------------------------------------------------------- inference API
     def encode(self, hr: torch.Tensor, lr: torch.Tensor) -> DiagonalGaussianDistribution:
         """hr: [B, 3, H, W], lr: [B, 3, h, w] in [-1, 1] -> posterior over [B, embed, H/8, W/8]."""
-        if self.encoder_input == "hr":
-            x = hr
-        else:
-            lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
-            x = torch.cat([lr_up, hr], dim=1)  # LR first
+        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+        return self.posterior(self.build_encoder_input(hr, lr_up))
+
+    def build_encoder_input(self, hr: torch.Tensor, lr_up: torch.Tensor) -> torch.Tensor:
+        """The encoder's input from HR and bicubic_up(LR) (same size): cat[lr_up, hr] or hr."""
+        return hr if self.encoder_input == "hr" else torch.cat([lr_up, hr], dim=1)  # LR first
+
+    def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """Encoder input [B, C, H, W] -> posterior over [B, embed, H/8, W/8]."""
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    @torch.no_grad()
+    def reconstruct(self, lr: torch.Tensor, hr: torch.Tensor, **tiling) -> torch.Tensor:
+        """Stage-1 reconstruction `decode(mode(encode(hr, lr)), lr, hr size)`: LR [B, 3, h, w]
+        and HR [B, 3, H, W] in [0, 1] -> [B, 3, H, W] in [0, 1], in bounded memory.
+
+        `tiling`: `max_memory`, `tile`, `tile_overlap`, `progress` as in
+        `models.inference.run_tiled` (tiled when the estimated memory exceeds `max_memory` GB).
+        """
+        lr, hr = lr * 2 - 1, hr * 2 - 1
+
+        def untiled() -> torch.Tensor:
+            z = self.encode(hr, lr).mode() if self.use_latent else None
+            z = self.post_quant_conv(z) if self.use_latent else None
+            return self.decoder(z, lr, hr.shape[-2:]).clamp_(-1, 1).add_(1).div_(2)
+
+        def tiled(tiler) -> torch.Tensor:
+            return tiler.reconstruct(self, lr, hr).add_(1).div_(2)
+
+        peak = self.peak_bytes(lr.shape[-2:], hr.shape[-2:], lr.shape[0])
+        return run_tiled(untiled, tiled, peak, hr.shape[-2] / lr.shape[-2], lr, **tiling)
+
+    def peak_bytes(self, lr_size, out_size, batch: int = 1) -> int:
+        """Rough peak activation memory of an untiled `reconstruct` (from this model's widths)."""
+        decoder = self.decoder.peak_elements(lr_size, out_size, batch)
+        encoder = self.encoder.peak_elements(out_size, batch) if self.use_latent else 0
+        return 4 * (max(decoder, encoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
 
     def decode(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         """z: [B, embed, h_z, w_z], lr: [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size], unclamped."""
@@ -130,41 +172,56 @@ class AutoencoderKL(pl.LightningModule):
 
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: Mapping, batch_idx: int) -> None:
+        """One batch: the autoencoder (generator) step, then the discriminator step.
+
+        As in the authors' two-optimiser Lightning 1.x loop, the discriminator step runs a new
+        forward (a new posterior sample) through the autoencoder just updated, unless
+        `shared_disc_forward`. A non-finite generator loss skips the whole batch.
+        """
         opt_ae, opt_disc = self.optimizers()
         hr, lr = self.get_input(batch)
         rec, posterior = self(hr, lr)
-
-        self.toggle_optimizer(opt_ae)
-        ae_loss, log_ae = self.loss(
-            hr, rec, posterior, 0, self.batches_seen, self.get_last_layer(), split="train"
-        )
-        if not self.guard.ok(self, ae_loss):
-            self.untoggle_optimizer(opt_ae)
+        ae_loss, log_ae, stepped = self._optimizer_step(opt_ae, 0, hr, rec, posterior)
+        if not stepped:
             return
-        opt_ae.zero_grad()
-        self.manual_backward(ae_loss)
-        opt_ae.step()
-        self.untoggle_optimizer(opt_ae)
-
-        self.toggle_optimizer(opt_disc)
-        disc_loss, log_disc = self.loss(
-            hr, rec.detach(), posterior, 1, self.batches_seen, self.get_last_layer(), split="train"
-        )
-        if self.guard.ok(self, disc_loss):
-            opt_disc.zero_grad()
-            self.manual_backward(disc_loss)
-            opt_disc.step()
-        self.untoggle_optimizer(opt_disc)
-
+        if not self.shared_disc_forward:
+            with torch.no_grad():  # the step only needs D's gradients
+                rec, posterior = self(hr, lr)
+        disc_loss, log_disc, _ = self._optimizer_step(opt_disc, 1, hr, rec.detach(), posterior)
         self.batches_seen += 1
         self.log("train/aeloss", ae_loss, prog_bar=True)
         self.log("train/discloss", disc_loss, prog_bar=True)
         self.log("train/scale", float(batch["scale"][0]))
         self.log_dict({**log_ae, **log_disc})
 
+    def on_train_start(self) -> None:
+        """The whole module in train mode, as Lightning 1.x (the authors') set it when training
+        started; 2.x keeps each submodule's mode, which would leave LPIPS as built. In train mode
+        the dropout in front of the LPIPS heads is active, unless the loss's `lpips_eval_mode`."""
+        self.train()
+
+    def _optimizer_step(self, opt, optimizer_idx: int, hr, rec, posterior):
+        """Loss `optimizer_idx` (0 autoencoder, 1 discriminator) and, if finite, one step of `opt`.
+
+        `disc_start` is compared with `batches_seen` (training batches): under Lightning >= 1.6
+        `global_step` counts optimiser steps, two per batch here; the authors' Lightning 1.x
+        setup reads as batches. Returns (loss, log dict, whether the step was taken).
+        """
+        self.toggle_optimizer(opt)
+        loss, log_dict = self.loss(
+            hr, rec, posterior, optimizer_idx, self.batches_seen, self.get_last_layer()
+        )
+        stepped = self.guard.ok(self, loss)
+        if stepped:
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        self.untoggle_optimizer(opt)
+        return loss, log_dict, stepped
+
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         hr, lr = self.get_input(batch)
-        rec, posterior = self(hr, lr, sample_posterior=False)
+        rec, posterior = self(hr, lr, sample_posterior=self.val_sample_posterior)
         scale = float(batch["scale"][0])
         rec01 = (rec.clamp(-1, 1) + 1) / 2
         border = math.ceil(scale)
@@ -181,11 +238,12 @@ class AutoencoderKL(pl.LightningModule):
             sync_dist=True,
             batch_size=n,
         )
-        if self.loss is not None:
-            _, log_ae = self.loss(
-                hr, rec, posterior, 0, self.batches_seen, self.get_last_layer(), split="val"
-            )
-            self.log_dict(log_ae, sync_dist=True, batch_size=hr.shape[0])
+        if self.loss is not None:  # both parts, as the authors log them
+            for idx in (0, 1):
+                _, log_val = self.loss(
+                    hr, rec, posterior, idx, self.batches_seen, self.get_last_layer(), split="val"
+                )
+                self.log_dict(log_val, sync_dist=True, batch_size=n)
         if batch_idx == 0:
             self._save_grid(lr, rec, hr)
 
@@ -202,6 +260,8 @@ class AutoencoderKL(pl.LightningModule):
         ae_params = [
             p for name, p in self.named_parameters() if not name.startswith("loss.")
         ]  # encoder, decoder, quant_conv, post_quant_conv
+        # The authors' logvar is in no optimiser; frozen here so that it gathers no gradient.
+        self.loss.logvar.requires_grad_(bool(self.hparams.learn_logvar))
         if self.hparams.learn_logvar:
             ae_params.append(self.loss.logvar)
         ae_params = [p for p in ae_params if p.requires_grad]

@@ -17,6 +17,7 @@ from torch import nn
 from ldm.diffusion import GaussianDiffusion
 from ldm.ema import LitEma
 from models.guard import NonFiniteLossGuard
+from models.inference import run_tiled
 from utils.checkpoint import load_weights
 from utils.config import ConfigError, instantiate_from_config, to_plain
 from utils.metrics import psnr, ssim
@@ -43,7 +44,11 @@ class LDCSR(pl.LightningModule):
         cond_stage_config: `{target, params}` of the condition encoder (GAP encoder, in 3).
         unet_config: `{target, params}` of the UNet.
         timesteps, linear_start, linear_end: the schedule (T = 4, 0.1 -> 0.99, linear in sqrt).
-        scale_by_std: set `scale_factor = 1 / std(z)` on the first batch of a fresh run.
+        scale_by_std: set `scale_factor = 1 / std(z)` on the first batch of a fresh run, z a
+            posterior sample of the frozen first stage.
+        scale_by_std_input: the encoder inputs of that estimate. "hr_hr" (the authors'; the
+            released `scale_factor` came from it): the HR image as both inputs, i.e.
+            encode(hr, hr); "hr_lr" (our option): encode(hr, lr), the pair training encodes.
         scale_factor: initial latent scale (overwritten by `scale_by_std` or a checkpoint).
         l_kd_weight: weight of `mse(cond, x0)`, which pulls the condition towards the latent.
         ema_decay: EMA decay of the UNet weights (sampling uses the EMA weights).
@@ -62,6 +67,7 @@ class LDCSR(pl.LightningModule):
         linear_end: float = 0.99,
         scale_by_std: bool = True,
         scale_factor: float = 1.0,
+        scale_by_std_input: str = "hr_hr",
         l_kd_weight: float = 1.0,
         ema_decay: float = 0.9999,
         ckpt_path: str | None = None,
@@ -93,6 +99,12 @@ class LDCSR(pl.LightningModule):
             self.register_buffer(name, buf.clone())
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self.scale_by_std = scale_by_std
+        if scale_by_std_input not in ("hr_hr", "hr_lr"):
+            raise ConfigError(
+                f"scale_by_std_input must be 'hr_hr' (the authors') or 'hr_lr', "
+                f"got {scale_by_std_input!r}"
+            )
+        self.scale_by_std_input = scale_by_std_input
         self.l_kd_weight = l_kd_weight
         self.guard = NonFiniteLossGuard(max_skipped_batches)
         self._skip_ema = False
@@ -135,16 +147,45 @@ class LDCSR(pl.LightningModule):
         out_size: Sequence[int],
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        **tiling,
     ) -> torch.Tensor:
-        """LR batch [B, 3, h, w] in [0, 1] -> SR batch [B, 3, *out_size] in [0, 1].
+        """LR batch [B, 3, h, w] in [0, 1] -> SR batch [B, 3, *out_size] in [0, 1] (float32).
 
-        `generator` (a CPU `torch.Generator`) makes the result identical on CPU and GPU.
+        The fast, memory-bounded path: the networks' inference-mode forwards, untiled when the
+        estimated activation memory (`peak_bytes`) fits `max_memory` GB, else tiled with one
+        noise field and shared normalisation statistics for the whole scene
+        (`models.inference`). `generator` (a CPU `torch.Generator`) makes the result identical on
+        CPU and GPU, tiled or not.
+
+        Args:
+            lr: LR images in [0, 1].
+            out_size: (H, W) of the output.
+            generator: seeds x_T and the step noises.
+            use_ema: sample with the EMA weights of the UNet (the paper's setting).
+            **tiling: `max_memory` (GB, default 2; None = never tile), `tile` (LR pixels; None =
+                automatic, 0 = untiled), `tile_overlap` (16), `precision` ("fp32", "bf16",
+                "fp16") and `progress`, as in `models.inference.run_tiled`.
         """
         out_size = (int(out_size[0]), int(out_size[1]))
         lr = lr * 2 - 1
-        with self.ema_scope(use_ema):
+
+        def untiled() -> torch.Tensor:
             z0 = self.sample_latent(lr, out_size, generator=generator)
-        return (self.decode_latent(z0, lr, out_size) + 1) / 2
+            return self.decode_latent(z0, lr, out_size).add_(1).div_(2)
+
+        def tiled(tiler) -> torch.Tensor:
+            return tiler.super_resolve(self, lr, out_size, generator).add_(1).div_(2)
+
+        peak = self.peak_bytes(lr.shape[-2:], out_size, lr.shape[0])
+        with self.ema_scope(use_ema):
+            return run_tiled(untiled, tiled, peak, out_size[0] / lr.shape[-2], lr, **tiling)
+
+    def peak_bytes(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1) -> int:
+        """Rough peak activation memory of an untiled `super_resolve`, from this model's widths:
+        the larger of the condition encoder's and the decoder's, plus a few output images."""
+        cond = self.cond_stage_model.peak_elements(out_size, batch)
+        decoder = self.first_stage_model.decoder.peak_elements(lr_size, out_size, batch)
+        return 4 * (max(cond, decoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
 
     @torch.no_grad()
     def super_resolve_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
@@ -175,16 +216,20 @@ class LDCSR(pl.LightningModule):
             )
 
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
-        fresh = self.global_step == 0 and self.trainer.ckpt_path is None
-        if self.scale_by_std and fresh and batch_idx == 0:
-            hr, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
-            # The authors' code encodes (HR, HR) here; the method (and training) use (HR, LR).
-            with torch.no_grad():
-                z = self.first_stage_model.encode(hr, lr).sample()
-            std = z.flatten().std()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.broadcast(std, src=0)  # one scale_factor on every rank
-            self.scale_factor.copy_(1.0 / std)
+        """`scale_by_std` on the first batch of a fresh run: `scale_factor = 1 / std(z)`, with z
+        a posterior sample of encode(hr, hr) (the authors') or encode(hr, lr) (`hr_lr`)."""
+        resumed = self._trainer is not None and self.trainer.ckpt_path is not None
+        if not (self.scale_by_std and self.global_step == 0 and not resumed and batch_idx == 0):
+            return
+        hr, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
+        second = hr if self.scale_by_std_input == "hr_hr" else lr  # bicubic_up(hr) is hr itself
+        with torch.no_grad():
+            z = self.first_stage_model.encode(hr, second).sample()
+        std = z.flatten().std()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(std, src=0)  # one scale_factor on every rank
+        self.scale_factor.copy_(1.0 / std)
+        if self._trainer is not None:
             self.log("train/scale_factor", self.scale_factor, rank_zero_only=True)
 
     def training_losses(self, batch: Mapping) -> dict[str, torch.Tensor]:

@@ -25,10 +25,11 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def conformance():
-    """The authors' reference traces (`../shared/reference/conformance_small.pt`)."""
-    return torch.load(
-        shared_path("reference", "conformance_small.pt"), map_location="cpu", weights_only=False
-    )
+    """The authors' reference traces: tests/fixtures/conformance_compact.pt with its stage-2
+    state dict regenerated (see tests/conformance_weights.py); needs nothing outside the repo."""
+    from tests.conformance_weights import load_conformance
+
+    return load_conformance()
 
 
 def tiny_config(stage: int, *overrides: str):

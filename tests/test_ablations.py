@@ -1,5 +1,6 @@
 """The paper's ablations as config overlays: each builds, trains a step, super-resolves x3.3 on a
-non-square input, and really changes the computation."""
+non-square input, really changes the computation, and runs through the public inference path
+(`LDCSR.super_resolve`, `AutoencoderKL.reconstruct`), tiled and untiled, as its plain forward."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 
 from models.ldcsr import randomize_zero_init
 from tests.conftest import ROOT, tiny_config
+from tests.test_tiling import lively, plain_forward
 from utils.config import instantiate_from_config
 
 ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
@@ -103,3 +105,48 @@ def test_paper_configs_are_untouched_by_the_overlays():
     for name in ("first_stage_kl_v6.yaml", "second_stage_van_v4.yaml"):
         text = (ROOT / "configs" / name).read_text()
         assert "ablation" not in text.lower()
+
+
+# ------------------------------------------------- the public (fast, tiled) path, every overlay
+def _stage2_with(overlay: Path):
+    """A tiny stage-2 model with the overlay (a stage-1 one applies to its first stage)."""
+    extra = OmegaConf.load(overlay)
+    if _base_for(overlay) == 1:
+        extra = OmegaConf.create({"model": {"params": {"first_stage_config": extra.model}}})
+    torch.manual_seed(0)
+    return lively(instantiate_from_config(OmegaConf.merge(tiny_config(2), extra).model))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and (a - b).abs().max() <= 1e-4, (a - b).abs().max()
+
+
+SR_OVERLAYS = [p for p in ABLATIONS if "no_latent" not in p.name]  # stage 2 needs a latent
+
+
+@pytest.mark.parametrize("overlay", SR_OVERLAYS, ids=lambda p: p.stem)
+def test_super_resolve_tiled_and_untiled_equals_the_plain_forward(overlay):
+    model = _stage2_with(overlay)
+    lr = torch.rand(1, 3, 16, 20, generator=torch.Generator().manual_seed(2))
+    out_size = (53, 66)  # x3.3
+    ref = plain_forward(model, lr, out_size, 0)
+    _close(model.super_resolve(lr, out_size, generator=torch.Generator().manual_seed(0)), ref)
+    tiled = model.super_resolve(
+        lr, out_size, generator=torch.Generator().manual_seed(0), tile=16, tile_overlap=4
+    )
+    _close(tiled, ref)
+
+
+@pytest.mark.parametrize(
+    "overlay", [p for p in ABLATIONS if _base_for(p) == 1], ids=lambda p: p.stem
+)
+def test_reconstruct_tiled_and_untiled_equals_the_plain_forward(overlay):
+    model = lively(_build(1, overlay)).eval()
+    g = torch.Generator().manual_seed(2)
+    lr, hr = torch.rand(1, 3, 16, 20, generator=g), torch.rand(1, 3, 53, 66, generator=g)
+    with torch.enable_grad():
+        ref = (
+            model(hr * 2 - 1, lr * 2 - 1, sample_posterior=False)[0].detach().clamp(-1, 1) + 1
+        ) / 2
+    _close(model.reconstruct(lr, hr), ref)
+    _close(model.reconstruct(lr, hr, tile=16, tile_overlap=4), ref)

@@ -249,14 +249,16 @@ def test_sampler_is_deterministic_and_resumable():
     sampler = ScaleBatchSampler(50, 4, 1.0, 8.0, seed=7)
     first = list(sampler)
     assert len(first) == len(sampler) == 12 and all(len(b) == 4 for b in first)
-    assert all(len({s for _, s in b}) == 1 and 1.0 <= b[0][1] <= 8.0 for b in first)
+    assert all(len({s for _, s, _ in b}) == 1 and 1.0 <= b[0][1] <= 8.0 for b in first)
     assert list(ScaleBatchSampler(50, 4, 1.0, 8.0, seed=7)) == first
     sampler.set_epoch(1)
     second = list(sampler)
-    assert second != first and sorted(i for b in second for i, _ in b) != list(range(48))
+    assert second != first and sorted(i for b in second for i, _, _ in b) != list(range(48))
     resumed = ScaleBatchSampler(50, 4, 1.0, 8.0, seed=0)
     resumed.load_state_dict(sampler.state_dict())
     assert resumed.state_dict() == {"epoch": 1, "seed": 7} and list(resumed) == second
+    resumed.start_at(5)  # mid-epoch: the remaining batches, same indices, scales and seeds
+    assert list(resumed) == second[5:] and list(resumed) == second  # start_at is one-shot
     assert len(ScaleBatchSampler(50, 4, 1.0, 2.0, drop_last=False)) == 13
 
 
@@ -266,10 +268,46 @@ def test_sampler_shards_indices_but_shares_scales_across_ranks():
         s.set_epoch(2)
     batches = [list(s) for s in ranks]
     assert len(batches[0]) == len(batches[1]) == 3
-    indices = [{i for b in rank for i, _ in b} for rank in batches]
+    indices = [{i for b in rank for i, _, _ in b} for rank in batches]
     assert not indices[0] & indices[1] and len(indices[0] | indices[1]) == 18
     scales = [[b[0][1] for b in rank] for rank in batches]
     assert scales[0] == scales[1] and len(set(scales[0])) == 3
+    seeds = [{seed for b in rank for _, _, seed in b} for rank in batches]
+    assert len(seeds[0] | seeds[1]) == 18  # every item of the epoch has its own crop seed
+
+
+@pytest.mark.parametrize("dataset_len", [12, 9000])
+def test_data_length_gives_a_fixed_epoch_of_fresh_subsets(dataset_len):
+    sampler = ScaleBatchSampler(dataset_len, 4, 1.0, 8.0, seed=3, data_length=4000)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 1000 and all(len(b) == 4 for b in batches)
+        assert all(len({s for _, s, _ in b}) == 1 for b in batches)
+        epochs.append([i for b in batches for i, _, _ in b])
+    counts = np.bincount(epochs[0], minlength=dataset_len)
+    if dataset_len > 4000:  # a random subset: no image twice, different images each epoch
+        assert counts.max() == 1 and set(epochs[0]) != set(epochs[1])
+    else:  # whole permutations repeated: every image 333 or 334 times
+        assert counts.min() == 333 and counts.max() == 334 and epochs[0] != epochs[1]
+    ranks = [
+        ScaleBatchSampler(
+            dataset_len, 4, 1.0, 8.0, seed=3, data_length=4000, rank=r, num_replicas=2
+        )
+        for r in (0, 1)
+    ]
+    assert [len(r) for r in ranks] == [500, 500]  # data_length counts samples over all ranks
+    assert [b[0][1] for b in ranks[0]] == [b[0][1] for b in ranks[1]]
+
+
+def test_item_seed_fixes_the_crop(tmp_path):
+    write_rgb(tmp_path / "a.png", 64, 64)
+    ds = MultiScaleTrainDataset(tmp_path, max_scale=4.0, lr_size=8)
+    torch.manual_seed(0)
+    a = ds[(0, 3.0, 123)]["hr"]
+    torch.manual_seed(1)
+    assert torch.equal(a, ds[(0, 3.0, 123)]["hr"]) and not torch.equal(a, ds[(0, 3.0, 124)]["hr"])
 
 
 # ---------------------------------------------------------------- datamodule
@@ -310,6 +348,37 @@ def test_datamodule_resolves_roots_and_reports_bad_files(tmp_path):
         DataModule(batch_size=2, train=dm.configs["train"], data_root=str(tmp_path / "AID")).setup(
             "fit"
         )
+
+
+@pytest.mark.parametrize(
+    ("config", "images"),
+    [("first_stage_kl_v6", 12), ("first_stage_kl_v6", 9000), ("second_stage_van_v4", 12)],
+)
+def test_paper_configs_train_1000_batches_per_epoch(tmp_path, config, images):
+    """The authors' epoch: data_length samples (4000 / 8000), 1000 batches whatever the folder."""
+    from omegaconf import OmegaConf
+
+    from utils.config import instantiate_from_config
+
+    for i in range(3):  # 3 images, repeated to `images` items
+        write_rgb(tmp_path / f"{i}.png", 384, 384, seed=i)
+    cfg = OmegaConf.load(REPO / "configs" / f"{config}.yaml")
+    cfg.merge_with_dotlist([
+        f"data.params.data_root={tmp_path}", "data.params.train.params.root=.",
+        "data.params.validation.params.root=.",
+        f"data.params.train.params.repeat={images // 3}", "data.params.num_workers=0",
+    ])  # fmt: skip
+    dm = instantiate_from_config(cfg.data)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(dm.datasets["train"]) == images and len(loader) == 1000
+    subsets = []
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        batches = list(loader.batch_sampler)
+        assert len(batches) == 1000 and {len(b) for b in batches} == {cfg.data.params.batch_size}
+        subsets.append([i for b in batches for i, _, _ in b])
+    assert subsets[0] != subsets[1]
 
 
 # ---------------------------------------------------------------- prepare_split

@@ -2,7 +2,6 @@
 conformance of the whole sampling chain (with the EMA UNet) against the authors' traces."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +9,13 @@ import torch
 from ldm.diffusion import GaussianDiffusion, draw_noise, make_beta_schedule
 from ldm.unet import UNetModel
 
-CONFORMANCE = Path(__file__).resolve().parents[1].parent / "shared/reference/conformance_small.pt"
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def reference():
-    if not CONFORMANCE.exists():
-        pytest.skip(f"{CONFORMANCE} not found: the shared reference folder (../shared) is absent")
-    return torch.load(CONFORMANCE, weights_only=False)
+def reference(conformance):
+    """The authors' traces from the shipped fixture (tests/conftest.py)."""
+    return conformance
 
 
 @pytest.fixture(scope="module")

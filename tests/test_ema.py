@@ -38,8 +38,8 @@ def test_names_match_official_keys():
     assert "diffusion_modeltime_embed0weight" in official
 
 
-def test_conformance_ema_loads_without_decay_and_num_updates():
-    ref = torch.load(_need(SHARED / "conformance_small.pt"), weights_only=False)
+def test_conformance_ema_loads_without_decay_and_num_updates(conformance):
+    ref = conformance
     model = Wrapper(UNetModel(**ref["config"]["model"]["params"]["unet_config"]["params"]))
     ema = LitEma(model)
     sd = {

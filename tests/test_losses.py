@@ -86,6 +86,7 @@ def test_gan_losses_on_known_logits():
 
 def test_generator_loss_and_adaptive_weight_match_manual_autograd():
     loss_fn, decoder, x, rec, posterior = _setup(disc_start=0, kl_weight=1e-6, disc_weight=0.5)
+    loss_fn.perceptual_loss.eval()  # deterministic LPIPS stand-in for the comparison
     loss, log = loss_fn(x, rec, posterior, 0, global_step=0, last_layer=decoder.weight)
     rec_loss = (x - rec).abs() + loss_fn.perceptual_loss(x, rec)
     nll = torch.sum(rec_loss / torch.exp(loss_fn.logvar) + loss_fn.logvar) / 2
@@ -115,7 +116,7 @@ def test_disc_factor_gated_by_disc_start():
 def test_backward_reaches_logvar_and_discriminator_not_perceptual_net():
     loss_fn, decoder, x, rec, posterior = _setup(disc_start=0)
     loss_fn.train()
-    assert not loss_fn.perceptual_loss.training  # LPIPS stays deterministic
+    assert loss_fn.perceptual_loss.training  # the authors': LPIPS follows .train()
     assert not any(p.requires_grad for p in loss_fn.perceptual_loss.parameters())
     loss, _ = loss_fn(x, rec, posterior, 0, 0, last_layer=decoder.weight)
     loss.backward()
@@ -126,6 +127,7 @@ def test_backward_reaches_logvar_and_discriminator_not_perceptual_net():
     with pytest.raises(ValueError, match="last_layer"):
         loss_fn(x, rec, posterior, 0, 0)
     loss_fn.eval()
+    assert not loss_fn.perceptual_loss.training
     with torch.no_grad():  # validation: no graph, the adaptive weight falls back to 0
         _, log = loss_fn(x, rec, posterior, 0, 0, last_layer=decoder.weight, split="val")
     assert log["val/d_weight"].item() == 0.0
@@ -153,6 +155,14 @@ def test_default_perceptual_net_has_the_authors_key_names(tmp_path, monkeypatch)
     loss_fn.load_state_dict(loss_fn.state_dict(), strict=True)
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert loss_fn.perceptual_loss(x, y).shape == (2, 1, 1, 1)
+    # taming's LPIPS has a dropout in front of each of the 5 linear heads (use_dropout=True)
+    drops = [m for m in loss_fn.perceptual_loss.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 5 and all(d.p == 0.5 for d in drops)
+    loss_fn.train()  # the authors' mode while training: the dropout is active
+    torch.manual_seed(0)
+    assert not torch.equal(loss_fn.perceptual_loss(x, y), loss_fn.perceptual_loss(x, y))
+    loss_fn.eval()
+    assert torch.equal(loss_fn.perceptual_loss(x, y), loss_fn.perceptual_loss(x, y))
 
 
 def test_missing_vgg_weights_message(tmp_path, monkeypatch):
@@ -166,3 +176,58 @@ def test_missing_vgg_weights_message(tmp_path, monkeypatch):
     assert "vgg16-397923af.pth" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
+
+
+def test_lpips_eval_mode_option_keeps_the_perceptual_net_deterministic():
+    loss_fn, *_ = _setup(lpips_eval_mode=True)
+    loss_fn.train()
+    assert loss_fn.training and loss_fn.discriminator.training
+    assert not loss_fn.perceptual_loss.training
+    default, *_ = _setup()
+    assert default.train().perceptual_loss.training and not default.eval().perceptual_loss.training
+
+
+@pytest.mark.parametrize("step", [9, 10])  # disc_start 10: one step before, one at the start
+def test_losses_match_the_authors_formulas_around_disc_start(step):
+    """Every logged part re-derived from latent-diffusion's formulas, before and after
+    disc_start, with a non-zero logvar, per-pixel weights and disc_factor 0.7."""
+    kw = dict(kl_weight=1e-3, disc_weight=0.5, perceptual_weight=0.8, disc_factor=0.7)
+    loss_fn, decoder, x, rec, posterior = _setup(disc_start=10, logvar_init=0.3, **kw)
+    loss_fn.train()
+    loss_fn.perceptual_loss.eval()  # deterministic LPIPS on both sides of the comparison
+    weights = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) + 0.5
+    loss, log = loss_fn(x, rec, posterior, 0, step, decoder.weight, split="train", weights=weights)
+
+    lv, batch = 0.3, x.shape[0]
+    rec_px = (x - rec).abs() + 0.8 * loss_fn.perceptual_loss(x, rec)  # [B, 3, H, W]
+    nll_px = rec_px / torch.exp(torch.tensor(lv)) + lv
+    nll, weighted_nll = nll_px.sum() / batch, (weights * nll_px).sum() / batch
+    kl = posterior.kl().sum() / batch
+    g = -loss_fn.discriminator(rec).mean()
+    grads = [torch.autograd.grad(t, decoder.weight, retain_graph=True)[0] for t in (nll, g)]
+    d_weight = torch.clamp(grads[0].norm() / (grads[1].norm() + 1e-4), 0.0, 1e4) * 0.5
+    factor = 0.0 if step < 10 else 0.7
+    expected = {
+        "total_loss": weighted_nll + 1e-3 * kl + d_weight * factor * g,
+        "logvar": torch.tensor(lv),
+        "kl_loss": kl,
+        "nll_loss": nll,
+        "rec_loss": rec_px.mean(),
+        "d_weight": d_weight,
+        "disc_factor": torch.tensor(factor),
+        "g_loss": g,
+    }
+    assert set(log) == {f"train/{k}" for k in expected}
+    for key, value in expected.items():
+        assert log[f"train/{key}"].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    assert loss.item() == pytest.approx(expected["total_loss"].item(), rel=1e-5)
+    assert loss.requires_grad and not log["train/d_weight"].requires_grad  # d_weight detached
+
+    d_loss, log = loss_fn(x, rec, posterior, 1, step, decoder.weight, split="val")
+    real, fake = loss_fn.discriminator(x), loss_fn.discriminator(rec.detach())
+    hinge = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+    assert set(log) == {"val/disc_loss", "val/logits_real", "val/logits_fake"}
+    assert d_loss.item() == pytest.approx(factor * hinge.item(), rel=1e-5, abs=1e-7)
+    assert log["val/disc_loss"].item() == pytest.approx(factor * hinge.item(), rel=1e-5, abs=1e-7)
+    assert log["val/logits_real"].item() == pytest.approx(real.mean().item(), rel=1e-5)
+    assert log["val/logits_fake"].item() == pytest.approx(fake.mean().item(), rel=1e-5)

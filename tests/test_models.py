@@ -135,3 +135,58 @@ def test_identity_modulation_init_starts_the_fusion_as_the_sr_branch():
         instantiate_from_config(
             OmegaConf.merge(decoder_config, {"params": {"modulation_init": "zeros"}})
         )
+
+
+def _fixed_posterior_noise(monkeypatch) -> list[torch.Tensor]:
+    """Makes every posterior sample `mean + std * noise` with a recorded, seeded noise."""
+    from ldm.distributions import DiagonalGaussianDistribution
+
+    noises = []
+
+    def sample(self, generator=None):
+        g = torch.Generator().manual_seed(100 + len(noises))
+        noises.append(torch.randn(self.mean.shape, generator=g))
+        return self.mean + self.std * noises[-1]
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", sample)
+    return noises
+
+
+def test_paper_scale_factor_is_one_over_std_of_an_hr_hr_posterior_sample(monkeypatch):
+    from ldm.distributions import DiagonalGaussianDistribution
+
+    torch.manual_seed(0)
+    model = instantiate_from_config(_paper("second_stage_van_v4.yaml").model)
+    assert model.scale_by_std and model.scale_by_std_input == "hr_hr"
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "hr": torch.rand(2, 3, 64, 64, generator=g),
+        "lr": torch.rand(2, 3, 16, 16, generator=g),
+    }
+    hr, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
+    noises = _fixed_posterior_noise(monkeypatch)
+    fs = model.first_stage_model
+
+    def expected(encoder_input: torch.Tensor, noise: torch.Tensor) -> float:
+        with torch.no_grad():
+            post = DiagonalGaussianDistribution(fs.quant_conv(fs.encoder(encoder_input)))
+        return (1 / (post.mean + post.std * noise).flatten().std()).item()
+
+    model.on_train_batch_start(batch, 0)  # first batch of a fresh run (no trainer: fresh)
+    assert len(noises) == 1
+    hr_hr = expected(torch.cat([hr, hr], dim=1), noises[0])  # the HR image as both inputs
+    assert model.scale_factor.item() == pytest.approx(hr_hr, rel=1e-6)
+
+    model.scale_by_std_input = "hr_lr"  # our option: the (bicubic_up(LR), HR) pair of training
+    model.on_train_batch_start(batch, 0)
+    lr_up = torch.nn.functional.interpolate(lr, size=(64, 64), mode="bicubic", align_corners=False)
+    hr_lr = expected(torch.cat([lr_up, hr], dim=1), noises[1])
+    assert model.scale_factor.item() == pytest.approx(hr_lr, rel=1e-6)
+    assert abs(hr_lr - hr_hr) > 1e-3 * hr_hr  # the two estimates differ
+    before = model.scale_factor.clone()
+    model.on_train_batch_start(batch, 1)  # not the first batch: left alone
+    assert torch.equal(model.scale_factor, before) and len(noises) == 2
+    with pytest.raises(ConfigError, match="scale_by_std_input"):
+        instantiate_from_config(
+            _paper("second_stage_van_v4.yaml", "model.params.scale_by_std_input=hr").model
+        )

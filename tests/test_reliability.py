@@ -162,7 +162,7 @@ class Dump(Callback):
                    f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
 
 build = ut.build_callbacks
-train.build_callbacks = lambda config, run_dir: [*build(config, run_dir), Dump()]
+train.build_callbacks = lambda config, run_dir, **kw: [*build(config, run_dir, **kw), Dump()]
 train.main(sys.argv[2:])
 """
 

@@ -1,5 +1,6 @@
 """Tiled whole-scene inference: window geometry, exact crop resampling, shared statistics, the
-fast path (equal to LDCSR.super_resolve) and seamless tiles on holdout images."""
+public path (`LDCSR.super_resolve`, tiled or not) equal to the modules' plain forward, and
+seamless tiles on holdout images."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.blocks import ContrastChannelAttention
-from models.fast_layers import encode, fast_fru, shuffle_resample
-from models.inference import Geometry, SceneSuperResolver
+from ldm.upsampler import ScaleAwareUpsampler
+from models.inference import Geometry, SceneTiler
 from tests.conftest import shared_path, tiny_config
 from utils.config import instantiate_from_config
 from utils.image_io import load_image, to_tensor01
@@ -34,10 +35,11 @@ def lively(model, seed: int = 0):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
                 if mod.bias is not None:
                     mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.05)
-        model.first_stage_model.decoder.upsampler.fuse[-1].weight.mul_(0.01)
-        shadow = dict(model.model_ema.named_buffers())
-        for name, p in model.model.named_parameters():  # EMA weights = these weights
-            shadow[model.model_ema.m_name2s_name[name]].copy_(p)
+        getattr(model, "first_stage_model", model).decoder.last_layer.mul_(0.01)
+        if hasattr(model, "model_ema"):  # stage 2: EMA weights = these weights
+            shadow = dict(model.model_ema.named_buffers())
+            for name, p in model.model.named_parameters():
+                shadow[model.model_ema.m_name2s_name[name]].copy_(p)
     return model.eval()
 
 
@@ -124,7 +126,7 @@ def test_scene_statistics_replay_the_whole_input_statistics_on_crops():
     assert "forward" not in net[1].__dict__  # the layers are restored
 
 
-# ------------------------------------------------------------------------------------ fast path
+# ---------------------------------------------------------------------------------- public path
 CASES = {  # LR size -> output size: x4, x2 (folded 8x level), non-integer + asymmetric, x8
     "x4": ((16, 20), (64, 80)),
     "x2": ((16, 20), (32, 40)),
@@ -133,59 +135,81 @@ CASES = {  # LR size -> output size: x4, x2 (folded 8x level), non-integer + asy
 }
 
 
+def plain_forward(model, lr: torch.Tensor, out_size, seed: int) -> torch.Tensor:
+    """The modules' plain forward with autograd on (their training-time branches): condition,
+    sampling chain, decode; [0, 1] in and out."""
+    with torch.enable_grad(), model.ema_scope():
+        lr = lr * 2 - 1
+        z0 = model.sample_latent(lr, out_size, generator=torch.Generator().manual_seed(seed))
+        return ((model.decode_latent(z0, lr, out_size) + 1) / 2).detach()
+
+
+def sr(model, lr, out_size, seed: int, **tiling) -> torch.Tensor:
+    return model.super_resolve(
+        lr, out_size, generator=torch.Generator().manual_seed(seed), **tiling
+    )
+
+
 @pytest.fixture(scope="module")
 def references(model):
-    """LDCSR.super_resolve (the straightforward path) on each case, seed 3."""
+    """The plain forward on each case, seed 3."""
     out = {}
     for name, (lr_size, out_size) in CASES.items():
         lr = torch.rand(1, 3, *lr_size, generator=torch.Generator().manual_seed(0))
-        out[name] = (
-            lr,
-            model.super_resolve(lr, out_size, generator=torch.Generator().manual_seed(3)),
-        )
+        out[name] = (lr, plain_forward(model, lr, out_size, 3))
     return out
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fast_path_equals_super_resolve(model, references, case):
+def test_public_path_equals_the_plain_forward_tiled_and_untiled(model, references, case):
     lr, ref = references[case]
-    for channels_last in (False, True):
-        resolver = SceneSuperResolver(model, channels_last=channels_last)
-        sr = resolver(lr, CASES[case][1], generator=torch.Generator().manual_seed(3))
-        assert sr.shape == ref.shape and (sr - ref).abs().max() <= 1e-4
+    out_size = CASES[case][1]
+    untiled = sr(model, lr, out_size, 3)
+    tiled = sr(model, lr, out_size, 3, tile=16, tile_overlap=4)  # 2 x 2 decoder tiles
+    assert untiled.shape == ref.shape and (untiled - ref).abs().max() <= 1e-4
+    assert tiled.shape == ref.shape and (tiled - ref).abs().max() <= 1e-4
 
 
-def test_fast_layers_equal_the_modules(model):
+def test_inference_branches_of_the_modules_equal_their_autograd_branches(model):
+    """ResnetBlock / encoder / FRU / upsampler: the lean inference code = the training code."""
     dec = model.first_stage_model.decoder
-    x = torch.randn(2, 32, 12, 14)
+    x, image = torch.randn(2, 32, 12, 14), torch.randn(2, 3, 40, 48)
+    nets = [
+        (model.cond_stage_model, (image,)),
+        (dec.FRUList[0], (x,)),
+        (dec.upsampler, (x, (37, 45))),  # no fold
+        (dec.upsampler, (x, (48, 56))),  # x4: 8x level folded
+        (dec.upsampler, (x, (24, 28))),  # x2: 8x level folded
+    ]
+    for net, args in nets:
+        with torch.enable_grad():
+            train = net(*args).detach()
+        with torch.inference_mode():
+            lean = net(*args)
+        assert (lean - train).abs().max() < 1e-4
+    up = dec.upsampler.UPNet_x2_list[2]
     with torch.no_grad():
-        image = torch.randn(2, 3, 40, 48)
-        assert (
-            encode(model.cond_stage_model, image) - model.cond_stage_model(image)
-        ).abs().max() < 1e-4
-        assert (fast_fru(dec.FRUList[0], x) - dec.FRUList[0](x)).abs().max() < 1e-4
-        up = dec.upsampler.UPNet_x2_list[2]
         for factor in (2, 4):
             size = (24 // factor, 28 // factor)
             pooled = F.interpolate(up(x), size=size, mode="bilinear", align_corners=False)
-            assert (shuffle_resample(up[0], x, factor) - pooled).abs().max() < 1e-5
+            folded = ScaleAwareUpsampler.shuffle_resample(up[0], x, factor)
+            assert (folded - pooled).abs().max() < 1e-5
 
 
-def test_one_tile_and_row_blocks_change_nothing(model):
-    lr = torch.rand(2, 3, 20, 26)
-    ref = SceneSuperResolver(model)(lr, (80, 104), generator=torch.Generator().manual_seed(1))
-    resolver = SceneSuperResolver(model, tile=32, chunk_pixels=300, resize_pixels=1000)
-    sr = resolver(lr, (80, 104), generator=torch.Generator().manual_seed(1))
-    assert (sr - ref).abs().max() <= 1e-5
+def test_auto_tiling_follows_the_models_own_memory(model):
+    """The tiny model at x4 on 256x256 fits the default budget; the paper widths would not."""
+    assert model.peak_bytes((256, 256), (1024, 1024)) < 2 * 2**30
+    from models.inference import choose_tile
+
+    assert choose_tile(model.peak_bytes((256, 256), (1024, 1024)), 2.0, 4.0, 16) == 0
+    assert choose_tile(model.peak_bytes((2000, 2000), (8000, 8000)), 2.0, 4.0, 16) == 128
 
 
 def test_bf16_autocast_runs_close_to_fp32(model):
     lr = torch.rand(1, 3, 16, 20)
-    ref = SceneSuperResolver(model)(lr, (64, 80), generator=torch.Generator().manual_seed(0))
-    sr = SceneSuperResolver(model, precision="bf16")(
-        lr, (64, 80), generator=torch.Generator().manual_seed(0)
-    )
-    assert sr.dtype == torch.float32 and psnr(sr, ref) > 25
+    ref = sr(model, lr, (64, 80), 0)
+    out = sr(model, lr, (64, 80), 0, precision="bf16")
+    assert out.dtype == torch.float32 and psnr(out, ref) > 25
 
 
 # --------------------------------------------------------------------------------------- tiling
@@ -194,19 +218,25 @@ def test_tiles_agree_with_the_untiled_run_on_a_holdout_image(model):
     tiles of 16 px on 48 px, 2x2 condition tiles); per-tile statistics do much worse."""
     hr = to_tensor01(load_image(shared_path("data", "holdout", "airplane00.tif")))[None]
     lr = F.interpolate(hr, size=(48, 48), mode="bicubic", antialias=True).clamp(0, 1)
-    g = torch.Generator
-    ref = SceneSuperResolver(model)(lr, (192, 192), generator=g().manual_seed(5))
+    ref = sr(model, lr, (192, 192), 5)
     tiles = dict(tile=16, overlap=4, context=4, condition_tile=16, latent_overlap=8)
-    sr = SceneSuperResolver(model, **tiles)(lr, (192, 192), generator=g().manual_seed(5))
-    assert psnr(sr, ref) >= 45  # measured 75 dB
-    own = SceneSuperResolver(model, **tiles, stats_pixels=0)  # measured 56 dB
-    assert psnr(own(lr, (192, 192), generator=g().manual_seed(5)), ref) < psnr(sr, ref) - 10
+    lr_m, g = lr * 2 - 1, torch.Generator
+
+    def tiled(**options):
+        with model.ema_scope():
+            out = SceneTiler(**tiles, **options).super_resolve(
+                model, lr_m, (192, 192), g().manual_seed(5)
+            )
+        return (out + 1) / 2
+
+    assert psnr(tiled(), ref) >= 45  # measured 75 dB
+    assert psnr(tiled(stats_pixels=0), ref) < psnr(tiled(), ref) - 10  # measured 56 dB
 
 
-def test_plan_aligns_latent_tiles_and_maps_lr_tiles_to_the_scene_grid(model):
-    resolver = SceneSuperResolver(model, tile=20, overlap=6, condition_tile=16, latent_overlap=8)
+def test_plan_aligns_latent_tiles_and_maps_lr_tiles_to_the_scene_grid():
+    tiler = SceneTiler(tile=20, overlap=6, condition_tile=16, latent_overlap=8)
     geo = Geometry((61, 47), (213, 188))  # x3.49 height, x4 width
-    plan = resolver.plan(geo)
+    plan = tiler.plan(geo)
     assert all(win.rows[0] % 8 == 0 and win.cols[0] % 8 == 0 for _, win in plan["condition"])
     assert len(plan["condition"]) > 1 and len(plan["decoder"]) > 4
     rows = sorted({win.rows for _, win in plan["decoder"]})
@@ -218,17 +248,18 @@ def test_plan_aligns_latent_tiles_and_maps_lr_tiles_to_the_scene_grid(model):
 def test_latent_tiles_run_and_stay_close(model):
     """UNet / latent-branch tiles (per-tile UNet statistics and attention: not exact)."""
     lr = torch.rand(1, 3, 32, 32)
-    ref = SceneSuperResolver(model)(lr, (128, 128), generator=torch.Generator().manual_seed(2))
-    sr = SceneSuperResolver(model, latent_tile=8, latent_overlap=0, latent_context=8)(
-        lr, (128, 128), generator=torch.Generator().manual_seed(2)
-    )
-    assert torch.isfinite(sr).all() and psnr(sr, ref) > 15
+    ref = sr(model, lr, (128, 128), 2)
+    with model.ema_scope():
+        out = SceneTiler(latent_tile=8, latent_overlap=0, latent_context=8).super_resolve(
+            model, lr * 2 - 1, (128, 128), torch.Generator().manual_seed(2)
+        )
+    assert torch.isfinite(out).all() and psnr((out + 1) / 2, ref) > 15
 
 
-def test_resolver_rejects_bad_tiles(model):
+def test_bad_tiles_are_rejected(model):
     with pytest.raises(ValueError, match="tile 8"):
-        SceneSuperResolver(model, tile=8)
+        sr(model, torch.rand(1, 3, 16, 16), (64, 64), 0, tile=8)
     with pytest.raises(ValueError, match="multiples of 8"):
-        SceneSuperResolver(model, latent_tile=20)
+        SceneTiler(latent_tile=20)
     with pytest.raises(ValueError, match="too small"):
-        SceneSuperResolver(model)(torch.rand(1, 3, 4, 4), (6, 6))
+        SceneTiler().super_resolve(model, torch.rand(1, 3, 4, 4), (6, 6))

@@ -12,7 +12,7 @@ from ldm.unet import UNetModel, pad_to_multiple
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 PREFIX = "model.diffusion_model."
 
-# The paper's stage-2 UNet (ARCHITECTURE.md sections 3 and 6).
+# The paper's stage-2 UNet (docs/method.md, "Stage 2: denoising UNet" and "Paper configurations").
 PAPER = dict(
     image_size=64,
     in_channels=8,
@@ -57,8 +57,8 @@ def test_paper_unet_matches_official_keys():
     assert round(n_params / 1e6, 2) == 18.37
 
 
-def test_small_unet_matches_conformance_keys():
-    ref = torch.load(_need(SHARED / "conformance_small.pt"), weights_only=False)
+def test_small_unet_matches_conformance_keys(conformance):
+    ref = conformance
     cfg = ref["config"]["model"]["params"]["unet_config"]["params"]
     assert cfg == dict(SMALL, use_scale_embedding=True, use_osize_embedding=True)
     expected = {

@@ -76,15 +76,13 @@ def bicubic_upscale(lr, hr, out_size, generator=None) -> torch.Tensor:
     return torch.stack([to_tensor01(resize_bicubic(_to_pil(x), tuple(out_size))) for x in lr])
 
 
-def reconstruct(autoencoder: nn.Module, lr, hr, out_size, generator=None) -> torch.Tensor:
-    """Stage-1 reconstruction `decode(mode(encode(hr, lr)), lr, out_size)`, [0, 1] in and out."""
-    lr, hr = lr * 2 - 1, hr * 2 - 1
-    sr = autoencoder.decode(autoencoder.encode(hr, lr).mode(), lr, out_size)  # [-1, 1]
-    return (sr.clamp(-1, 1) + 1) / 2
+def reconstruct(autoencoder: nn.Module, lr, hr, out_size, generator=None, tiling=None):
+    """Stage-1 reconstruction (`AutoencoderKL.reconstruct`), [0, 1] in and out."""
+    return autoencoder.reconstruct(lr, hr, **(tiling or {}))
 
 
-def _sr(model, lr, hr, out_size, generator):
-    return model.super_resolve(lr, out_size, generator=generator)
+def _sr(model, lr, hr, out_size, generator, tiling=None):
+    return model.super_resolve(lr, out_size, generator=generator, **(tiling or {}))
 
 
 def _sr_kd(model, lr, hr, out_size, generator):
@@ -100,15 +98,20 @@ class Method:
     run: Callable[..., torch.Tensor]
 
 
-def build_methods(model: nn.Module, sr_kd: bool = False, bicubic: bool = True) -> list[Method]:
-    """LDCSR (+ its sr_kd decode) for a stage-2 model, the reconstruction for a stage-1 one."""
+def build_methods(
+    model: nn.Module, sr_kd: bool = False, bicubic: bool = True, tiling: dict | None = None
+) -> list[Method]:
+    """LDCSR (+ its sr_kd decode) for a stage-2 model, the reconstruction for a stage-1 one;
+    `tiling` (`max_memory`, `tile`, `tile_overlap`) bounds their memory."""
     if hasattr(model, "super_resolve"):  # models.ldcsr.LDCSR
-        methods = [Method("LDCSR", "sr", partial(_sr, model))]
+        methods = [Method("LDCSR", "sr", partial(_sr, model, tiling=tiling))]
         methods += [Method("LDCSR (sr_kd)", "sr_kd", partial(_sr_kd, model))] if sr_kd else []
     elif sr_kd:
         raise EvaluationError("sr_kd decodes the stage-2 condition: drop it for a stage-1 model")
     else:  # models.autoencoder.AutoencoderKL
-        methods = [Method("LDCSR stage 1", "reconstruction", partial(reconstruct, model))]
+        methods = [
+            Method("LDCSR stage 1", "reconstruction", partial(reconstruct, model, tiling=tiling))
+        ]
     return methods + ([Method("Bicubic", "bicubic", bicubic_upscale)] if bicubic else [])
 
 
@@ -326,6 +329,7 @@ def evaluate(
     sr_kd: bool = False,
     bicubic: bool = True,
     overwrite: bool = False,
+    tiling: dict | None = None,
 ) -> list[dict]:
     """Evaluates one dataset at every scale -> summary rows (keys `SUMMARY_COLUMNS`).
 
@@ -334,7 +338,9 @@ def evaluate(
     `<out_dir>/<dataset>/x<s:g>/{sr,sr_kd,reconstruction,bicubic}/*.png` and `per_image.csv`.
     `metrics` comes from `load_metrics` (default PSNR + SSIM). Batch b of a scale samples with
     `torch.Generator().manual_seed(seed + b)`; batches hold images of equal size only.
-    `overwrite` replaces an earlier `<dataset>/x<s>` folder instead of refusing.
+    `overwrite` replaces an earlier `<dataset>/x<s>` folder instead of refusing. `tiling`
+    (`max_memory` GB, `tile`, `tile_overlap`) is passed to `super_resolve` / `reconstruct`,
+    which tile scenes whose untiled run would exceed the memory budget.
     """
     source = images if isinstance(images, Source) else test_pairs.source_from_folder(images)
     datatype = parse_datatype(datatype)
@@ -342,7 +348,7 @@ def evaluate(
         raise EvaluationError("stage-1 reconstructions need HR: use hr-downsample or paired data")
     if metrics is None:
         metrics = Metrics(("psnr", "ssim") if datatype in test_pairs.REFERENCE_DATATYPES else ())
-    methods, device = build_methods(model, sr_kd, bicubic), next(model.parameters()).device
+    methods, device = build_methods(model, sr_kd, bicubic, tiling), next(model.parameters()).device
     options = (datatype, seed, batch_size, test_y, save_images, device, min_output_side(model))
     run = _Run(methods, metrics, *options)
     rows = []

@@ -1,7 +1,7 @@
-"""Reading and writing whole scenes for super_resolve.py, keeping bands, bit depth and GeoTIFF.
+"""Whole scenes for super_resolve.py: PNG/JPEG in memory, GeoTIFFs streamed from disk to disk.
 
-The model sees RGB in [0, 1]: `value / (2^bits - 1)` (no contrast stretch), grey replicated to
-R, G, B. Outputs are written back in the input's layout:
+PNG and JPEG (`read_scene`, `write_scene`): the model sees RGB in [0, 1] as
+`value / (2^bits - 1)`, grey replicated to R, G, B; outputs are PNG in the input's layout:
 
 | input (Pillow mode)            | written as                                                    |
 |--------------------------------|---------------------------------------------------------------|
@@ -9,30 +9,64 @@ R, G, B. Outputs are written back in the input's layout:
 | RGBA, PA / LA                  | 8-bit RGBA / LA; alpha resized bicubic, not super-resolved    |
 | L, 1                           | 8-bit grey: mean of the three output channels                 |
 | I;16 (16-bit grey), I          | 16-bit grey (I: values clipped to 0..65535)                   |
-| 16-bit RGB(A) TIFF             | 16-bit, read/written with tifffile when installed; else 8 bit |
 | 16-bit RGB PNG                 | 8 bit: Pillow keeps only the high byte (a warning says so)    |
-| GeoTIFF (rasterio installed)   | same bands/dtype (uint8/uint16), CRS kept, pixel size / scale |
 | F (float), I;32, >4 bands, ... | refused with `ImageReadError` naming the mode                 |
 
-Outputs are PNG for PNG/JPEG inputs (lossless) and TIFF for TIFF inputs.
+A PNG/JPEG with a world file (georeferencing) is refused: convert it to GeoTIFF.
+
+TIFF and GeoTIFF (`super_resolve_raster`, any band count and dtype, see `utils.raster` for the
+bands, radiometry, nodata and georeferencing): the scene is cut into blocks of `block` LR pixels
+that read `overlap` more pixels on each side; each block is super-resolved on its own by `sr_fn`
+(within a block the model's own tiling applies) and neighbouring blocks are cross-faded
+linearly over the central `overlap` pixels of their overlap, so block seams are blended. Memory
+depends on the block size (plus a strip `overlap` output pixels high across the output and
+GDAL's block cache), not on the scene. Outputs are tiled, DEFLATE-compressed GeoTIFFs, or
+Cloud-Optimized GeoTIFFs with overviews (`cog=True`), written under a temporary name and renamed
+when complete.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from dataclasses import dataclass, field
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio
+import rasterio.shutil
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
 
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
+from utils.raster import (
+    RasterWriteError,
+    Span,
+    Stretch,
+    block_spans,
+    copy_metadata,
+    has_mask,
+    model_bands,
+    nodata_fill,
+    open_raster,
+    output_profile,
+    scene_stretch,
+    to_dtype,
+)
 
 log = logging.getLogger(__name__)
 TIFF = (".tif", ".tiff")
+WORLD_FILES = (".pgw", ".pngw", ".jgw", ".jpgw", ".jpegw", ".wld")
+BLOCK, OVERLAP = 512, 32  # LR pixels
+COG_OPTIONS = dict(compress="DEFLATE", predictor="YES", blocksize=512,
+                   overview_resampling="AVERAGE", bigtiff="IF_SAFER")  # fmt: skip
+SrFn = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
 
 
 @dataclass
@@ -44,53 +78,54 @@ class Scene:
         bands: 1 (grey) or 3 (RGB) colour bands in the file.
         bits: 8 or 16.
         alpha: [h, w] alpha band in the file's integer dtype, or None.
-        writer: "pillow", "tifffile" or "rasterio".
-        profile: rasterio profile of a GeoTIFF (else empty).
     """
 
     rgb: torch.Tensor
     bands: int
     bits: int
     alpha: np.ndarray | None = None
-    writer: str = "pillow"
-    profile: dict = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.rgb.shape[-2:])
 
 
-def optional(name: str):
-    """The module `name` if it is installed, else None. rasterio (GeoTIFF) and tifffile (16-bit
-    colour TIFF) are optional extras, not in requirement.txt: `pip install rasterio tifffile`."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
+def is_raster(path: str | Path) -> bool:
+    """True for TIFFs, which go through `super_resolve_raster` (GeoTIFF, multispectral)."""
+    return Path(path).suffix.lower() in TIFF
 
 
 def output_suffix(path: str | Path) -> str:
-    return ".tif" if Path(path).suffix.lower() in TIFF else ".png"
+    return ".tif" if is_raster(path) else ".png"
 
 
 def read_scene(path: str | Path) -> Scene:
-    """Read an image file (see the module docstring for the supported layouts).
+    """Read a PNG or JPEG file (see the module docstring for the supported layouts).
 
     Raises:
-        ImageReadError: missing, empty, corrupt or unsupported file, naming it and the fix.
+        ImageReadError: missing, empty, corrupt, unsupported or georeferenced file, naming it and
+            the fix.
     """
     path = Path(path)
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ImageReadError(f"{path}: unsupported file type; use one of {IMAGE_EXTENSIONS}")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or is_raster(path):
+        raise ImageReadError(
+            f"{path}: read_scene reads PNG/JPEG; TIFFs go through super_resolve_raster"
+            if is_raster(path)
+            else f"{path}: unsupported file type; use one of {IMAGE_EXTENSIONS}"
+        )
     if not path.is_file() or path.stat().st_size == 0:
         raise ImageReadError(f"{path} does not exist or is empty")
-    if path.suffix.lower() in TIFF and optional("rasterio") is not None:
-        return _read_rasterio(path)
+    world = [path.with_suffix(s) for s in WORLD_FILES if path.with_suffix(s).is_file()]
+    if world:
+        raise ImageReadError(
+            f"{path} is georeferenced by {world[0].name}, which a PNG output cannot keep; "
+            f"convert it to GeoTIFF first (gdal_translate {path.name} {path.stem}.tif)"
+        )
     try:
         with Image.open(path) as img:
             rawmode = str(img.tile[0][-1]) if img.tile else ""
             if ";16" in rawmode and img.mode in ("RGB", "RGBA"):
-                return _read_16bit_colour(path, img)
+                log.warning("%s: 16-bit colour is read as 8 bit by Pillow (use a TIFF)", path)
             img.load()
             return _from_pillow(path, img)
     except ImageReadError:
@@ -116,49 +151,21 @@ def _from_pillow(path: Path, img: Image.Image) -> Scene:
     )
 
 
-def _read_16bit_colour(path: Path, img: Image.Image) -> Scene:
-    tifffile = optional("tifffile")
-    if path.suffix.lower() in TIFF and tifffile is not None:
-        arr = tifffile.imread(path)
-        if arr.ndim != 3 or arr.dtype != np.uint16:
-            raise ImageReadError(f"{path}: unsupported TIFF layout {arr.shape} {arr.dtype}")
-        scene = _scene(arr, 16)
-        scene.writer = "tifffile"
-        return scene
-    log.warning("%s: 16-bit colour is read as 8 bit by Pillow (install tifffile for TIFF)", path)
-    img.load()
-    return _from_pillow(path, img)
-
-
 def _scene(arr: np.ndarray, bits: int) -> Scene:
     """[h, w, C] integer array with C in 1..4 (grey, grey+alpha, RGB, RGBA) -> Scene."""
-    channels = arr.shape[-1]
-    if channels not in (1, 2, 3, 4):
-        raise ImageReadError(f"{channels} bands are not supported (1-4: grey/RGB with alpha)")
-    colour = 1 if channels <= 2 else 3
-    alpha = arr[..., colour].copy() if channels in (2, 4) else None
+    colour = 1 if arr.shape[-1] <= 2 else 3
+    alpha = arr[..., colour].copy() if arr.shape[-1] in (2, 4) else None
     rgb = torch.from_numpy(arr[..., :colour].astype(np.float32) / (2**bits - 1))
     rgb = rgb.permute(2, 0, 1).expand(3, -1, -1).contiguous()
     return Scene(rgb=rgb, bands=colour, bits=bits, alpha=alpha)
 
 
-def _read_rasterio(path: Path) -> Scene:
-    rasterio = optional("rasterio")
-    try:
-        with rasterio.open(path) as src:
-            arr, profile = src.read(), dict(src.profile)
-    except rasterio.errors.RasterioError as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
-    bits = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(arr.dtype)
-    if bits is None:
-        raise ImageReadError(f"{path}: unsupported data type {arr.dtype}; use uint8 or uint16")
-    scene = _scene(np.moveaxis(arr, 0, -1), bits)
-    scene.writer, scene.profile = "rasterio", profile
-    return scene
-
-
 def write_scene(path: str | Path, scene: Scene, sr: torch.Tensor) -> None:
-    """Write `sr` [3, H, W] in [0, 1] in the layout of `scene` (bands, bit depth, georeference)."""
+    """Write `sr` [3, H, W] in [0, 1] as PNG in the layout of `scene` (bands, bit depth).
+
+    Raises:
+        RasterWriteError: the file could not be written; no partial file is left.
+    """
     path = Path(path)
     maxval = 2**scene.bits - 1
     out = sr.float().clamp(0, 1)  # in-place steps below: a scene output may be large
@@ -170,29 +177,177 @@ def write_scene(path: str | Path, scene: Scene, sr: torch.Tensor) -> None:
         out = torch.cat([out, alpha[0].clamp_(0, 1)])
     dtype = np.uint8 if scene.bits == 8 else np.uint16
     arr = out.mul_(maxval).round_().permute(1, 2, 0).numpy().astype(dtype)  # [H, W, bands]
-    if scene.writer == "rasterio":
-        _write_rasterio(path, scene, arr)
-    elif scene.writer == "tifffile":
-        optional("tifffile").imwrite(path, arr, photometric="rgb" if arr.shape[-1] >= 3 else None)
-    elif scene.bits == 16:
-        if arr.shape[-1] > 1:
-            log.warning("%s: Pillow cannot write 16-bit grey+alpha; alpha dropped", path)
-        Image.fromarray(arr[..., 0]).save(path)
-    else:
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+    if scene.bits == 16 and arr.shape[-1] > 1:
+        log.warning("%s: Pillow cannot write 16-bit grey+alpha; alpha dropped", path)
+        arr = arr[..., :1]
+    with atomic_output(path) as tmp:
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, format="PNG")
 
 
-def _write_rasterio(path: Path, scene: Scene, arr: np.ndarray) -> None:
-    rasterio, affine = optional("rasterio"), optional("affine")  # affine: a rasterio dependency
-    (h, w), (height, width) = scene.size, arr.shape[:2]
-    profile = dict(scene.profile)
-    transform = profile.get("transform")
-    if transform is not None:  # pixel size divided by the scale, same origin
-        scale = affine.Affine.scale(w / width, h / height)
-        matmul = hasattr(affine.Affine, "__matmul__")  # affine >= 2.4 prefers @ to *
-        profile["transform"] = transform @ scale if matmul else transform * scale
-    profile.update(width=width, height=height, count=arr.shape[-1])
-    for key in ("blockxsize", "blockysize"):  # block sizes of the input may not fit the output
-        profile.pop(key, None)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(np.moveaxis(arr, -1, 0))
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yields a temporary name beside `path`, renamed to `path` when the block succeeds and
+    removed when it fails; write errors become `RasterWriteError` naming the file and the fix."""
+    tmp = path.with_name(f".{path.name}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RasterioError) as err:
+        raise RasterWriteError(
+            f"cannot write {path}: {err}; check that {path.parent} is writable and has free space"
+        ) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def super_resolve_raster(
+    src_path: str | Path,
+    dst_path: str | Path,
+    sr_fn: SrFn,
+    out_size: tuple[int, int],
+    bands: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
+    cog: bool = False,
+    block: int = BLOCK,
+    overlap: int = OVERLAP,
+) -> None:
+    """Super-resolve a (Geo)TIFF block by block from disk to disk (see the module docstring).
+
+    Args:
+        src_path: input raster, any band count (>= 3, or `bands` given) and real dtype.
+        dst_path: output .tif (a GeoTIFF keeps its georeferencing only as TIFF).
+        sr_fn: `sr_fn(lr, out_size)`: lr [1, 3, h, w] in [0, 1] -> [1, 3, *out_size] in [0, 1].
+        out_size: (H, W) of the output scene.
+        bands: 1-based bands fed as R, G, B (`utils.raster.parse_bands`); None = 1, 2, 3.
+        value_range: (min, max) of the radiometric stretch; None = per-scene 2-98 % percentiles
+            (identity for 8 bit).
+        cog: write a Cloud-Optimized GeoTIFF with overviews.
+        block, overlap: LR block size and the LR pixels each block reads beyond it (even,
+            block >= 2 * overlap).
+
+    Raises:
+        ImageReadError: unreadable input or bad `bands`, naming the file and the fix.
+        RasterWriteError: the output could not be written; no partial file is left.
+        ValueError: a non-TIFF `dst_path` or bad block sizes.
+    """
+    dst_path = Path(dst_path)
+    if not is_raster(dst_path):
+        raise ValueError(f"{dst_path}: rasters are written as .tif to keep their georeferencing")
+    if overlap < 0 or overlap % 2 or block < max(16, 2 * overlap):
+        raise ValueError(f"block {block}, overlap {overlap}: need an even overlap >= 0 and "
+                         "block >= max(16, 2 * overlap)")  # fmt: skip
+    with open_raster(src_path) as src:
+        profile = output_profile(src, out_size)
+    with rasterio.Env(GDAL_CACHEMAX=_cache_bytes(profile)), open_raster(src_path) as src:
+        bands = model_bands(src, bands)
+        stretch = scene_stretch(src, bands, value_range)  # once per scene, decimated
+        with atomic_output(dst_path) as tmp:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(tmp, "w", **profile) as dst:
+                    copy_metadata(src, dst, out_size, bands, stretch)
+                    _stream(src, dst, sr_fn, bands, stretch, block, overlap)
+            if cog:
+                _to_cog(tmp)
+
+
+def _cache_bytes(profile: dict) -> int:
+    """GDAL block cache: three rows of output tiles (partially written tiles stay in memory
+    until complete, so they are compressed once), at least 32 MB."""
+    tile_row = profile["width"] * profile["blockysize"] * profile["count"]
+    return max(32 * 2**20, 3 * tile_row * np.dtype(profile["dtype"]).itemsize)
+
+
+def _to_cog(path: Path) -> None:
+    """Rewrite a finished GeoTIFF in place as a Cloud-Optimized GeoTIFF with overviews."""
+    cog = path.with_name(f"{path.stem}.cog{path.suffix}")
+    try:
+        rasterio.shutil.copy(path, cog, driver="COG", **COG_OPTIONS)
+        os.replace(cog, path)
+    finally:
+        cog.unlink(missing_ok=True)
+
+
+def _stream(src, dst, sr_fn: SrFn, bands, stretch: Stretch, block: int, overlap: int) -> None:
+    """The block loop: cross-fade accumulation with a carry to the right (O(block)) and a strip
+    below (the blend zone across the output width); each final region is written once."""
+    rows = block_spans(src.height, dst.height, block, overlap)
+    cols = block_spans(src.width, dst.width, block, overlap)
+    strip = np.zeros((src.count, max(r.stop - r.final for r in rows), dst.width), np.float32)
+    masked = has_mask(src)
+    fill = nodata_fill(src) if masked else None
+    for ys in rows:
+        carry = None
+        for xs in cols:
+            acc = _block(src, sr_fn, bands, stretch, fill, ys, xs)  # [C, ys, xs weighted range]
+            if carry is not None:
+                acc[:, :, : xs.blended - xs.start] += carry
+            top, keep, done = ys.blended - ys.start, xs.final - xs.start, ys.final - ys.start
+            acc[:, :top, :keep] += strip[:, :top, xs.start : xs.final]
+            _write_final(src, dst, acc[:, :done, :keep], ys, xs, masked)
+            strip[:, : ys.stop - ys.final, xs.start : xs.final] = acc[:, done:, :keep]
+            carry = acc[:, :, keep:].copy()
+
+
+def _block(src, sr_fn: SrFn, bands, stretch: Stretch, fill, ys: Span, xs: Span) -> np.ndarray:
+    """One block: read (masked pixels set to `fill` [C]), super-resolve, crop to its weighted
+    region and apply the weights."""
+    window = Window.from_slices(ys.read, xs.read)
+    try:
+        raw = src.read(window=window).astype(np.float32)  # [C, h, w]
+        if fill is not None:
+            masked = src.read_masks(window=window) == 0
+            raw[masked] = np.broadcast_to(fill[:, None, None], raw.shape)[masked]
+    except RasterioError as err:
+        raise ImageReadError(f"cannot read {src.name} at {window}: {err}") from err
+    size = (ys.read_hr[1] - ys.read_hr[0], xs.read_hr[1] - xs.read_hr[0])
+    out = upsample_bands(raw, sr_fn, bands, stretch, size)
+    r0, c0 = ys.start - ys.read_hr[0], xs.start - xs.read_hr[0]
+    out = out[:, r0 : r0 + ys.stop - ys.start, c0 : c0 + xs.stop - xs.start]
+    return out * ys.weight[:, None] * xs.weight[None, :]
+
+
+def upsample_bands(
+    raw: np.ndarray, sr_fn: SrFn, bands, stretch: Stretch, size: tuple[int, int]
+) -> np.ndarray:
+    """All bands of one block, float32 [C, h, w] -> [C, *size], in the input's units.
+
+    The model bands go through `stretch` and `sr_fn` (a band fed to several channels gets their
+    mean); the others are resized bicubically (align_corners=False).
+    """
+    model = [b - 1 for b in bands]
+    lr = torch.from_numpy(stretch.to_unit(raw[model]))[None]  # [1, 3, h, w]
+    sr = sr_fn(lr, size)
+    if tuple(sr.shape) != (1, 3, *size):
+        raise ValueError(f"sr_fn returned {tuple(sr.shape)}, expected {(1, 3, *size)}")
+    sr = stretch.from_unit(sr[0].detach().float().clamp(0, 1).cpu().numpy())  # [3, *size]
+    out = np.empty((raw.shape[0], *size), np.float32)
+    for band in set(model):
+        out[band] = sr[[c for c, b in enumerate(model) if b == band]].mean(axis=0)
+    others = [b for b in range(raw.shape[0]) if b not in model]
+    if others:
+        resized = F.interpolate(torch.from_numpy(raw[others])[None], size=size, mode="bicubic",
+                                align_corners=False)  # fmt: skip
+        out[others] = resized[0].numpy()
+    return out
+
+
+def _write_final(src, dst, values: np.ndarray, ys: Span, xs: Span, masked: bool) -> None:
+    """Write the finished region [C, final - start] of a block, masked where the input is."""
+    window = Window(xs.start, ys.start, xs.final - xs.start, ys.final - ys.start)
+    valid = None
+    if masked:  # nearest: the LR pixel under each HR pixel centre
+        rows = ((np.arange(ys.start, ys.final) + 0.5) * ys.lr_of_hr).astype(int)
+        cols = ((np.arange(xs.start, xs.final) + 0.5) * xs.lr_of_hr).astype(int)
+        rows, cols = np.minimum(rows, src.height - 1), np.minimum(cols, src.width - 1)
+        lr_window = Window.from_slices((rows[0], rows[-1] + 1), (cols[0], cols[-1] + 1))
+        masks = src.read_masks(window=lr_window)  # [C, h, w], 0 = masked
+        valid = masks[:, rows - rows[0]][:, :, cols - cols[0]] > 0
+    write_window(dst, to_dtype(values, valid, dst.dtypes[0], dst.nodata), window)
+    if valid is not None and dst.nodata is None:  # an internal mask, not a nodata value
+        dst.write_mask(valid.any(axis=0), window=window)
+
+
+def write_window(dst, arr: np.ndarray, window: Window) -> None:
+    """Write [C, h, w] to `window` of the open output (one place for write errors)."""
+    dst.write(arr, window=window)

@@ -20,16 +20,19 @@ from torch import nn
 
 from ldm.blocks import ContrastChannelAttention
 
+TYPES = (nn.GroupNorm, ContrastChannelAttention)
+
 
 class SceneStatistics:
     """Records the input statistics of normalisation layers and replays them.
 
     Args:
-        modules: modules to search for `nn.GroupNorm` and `ContrastChannelAttention` layers.
+        modules: modules to search for normalisation layers.
+        types: the layer types to share statistics for (`nn.GroupNorm`,
+            `ContrastChannelAttention`).
     """
 
-    def __init__(self, modules: Iterable[nn.Module]):
-        types = (nn.GroupNorm, ContrastChannelAttention)
+    def __init__(self, modules: Iterable[nn.Module], types: tuple = TYPES):
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, types)]
         self.moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> mean, var [B, C]
 
@@ -89,6 +92,5 @@ class SceneStatistics:
         if collect:
             self._record(layer, x)
             return type(layer).forward(layer, x)
-        mean, var = self._moments(layer)
-        stat = (var.sqrt() + mean)[..., None, None].to(x.dtype)  # std + mean, [B, C, 1, 1]
-        return x * layer.conv_du(stat)
+        mean, var = (m[..., None, None].to(x.dtype) for m in self._moments(layer))  # [B, C, 1, 1]
+        return layer.reweight(x, mean, var)

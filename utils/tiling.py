@@ -262,5 +262,27 @@ def resize_crop(x, out_size, rows, cols, mode, offset=(0, 0), in_size=None) -> t
     return resize_window(x, maps, offset)
 
 
+@dataclass(frozen=True)
+class OutputWindow:
+    """A tile's output window on the scene's grid, as the upsamplers' `window` argument.
+
+    `lr_size` and `out_size` are the scene's; the tile's features are the LR crop whose top-left
+    pixel is `offset`; the tile contributes output rows x cols.
+    """
+
+    lr_size: tuple[int, int]
+    out_size: tuple[int, int]
+    offset: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    def resize(self, feat: torch.Tensor, mode: str, factor: int = 1) -> torch.Tensor:
+        """Window of `F.interpolate(global, out_size, mode)` where `feat` is the crop, at
+        `factor * offset`, of a global map on the `factor`x LR grid."""
+        in_size = (self.lr_size[0] * factor, self.lr_size[1] * factor)
+        offset = (self.offset[0] * factor, self.offset[1] * factor)
+        return resize_crop(feat, self.out_size, self.rows, self.cols, mode, offset, in_size)
+
+
 def accumulate(total: torch.Tensor, part: torch.Tensor, win: Window) -> None:
     total[..., slice(*win.rows), slice(*win.cols)] += part.float() * win.weight(total)
