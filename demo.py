@@ -1,7 +1,7 @@
 """One-command demo of LDCSR on the CPU: data, tiny stage 1 and stage 2, evaluation, a figure.
 
     python demo.py                                   # generated aerial scenes, ~9 min on 2 cores
-    python demo.py --data ../shared/data/train_pool  # your images; a seeded 10% is held out
+    python demo.py --data my_images/                 # your images; a seeded 10% is held out
     python demo.py --stage1-minutes 2 --stage2-minutes 1 --out quick_demo
     python demo.py --retrain                         # train again instead of reusing checkpoints
 
@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from data.scenes import write_scenes
+from data.synthetic import write_scenes
+from evaluation.demo import save_center_crops, split_folder, time_limit, write_comparison
+from evaluation.runner import evaluate, load_metrics
+from evaluation.tables import write_summary
 from models import load_sr_model
 from utils.cli import HelpFormatter
-from utils.demo import save_center_crops, split_folder, time_limit, write_comparison
-from utils.evaluation import evaluate, load_metrics, write_summary
 from utils.image_io import list_images
 from utils.weights import weights_available, weights_path
 

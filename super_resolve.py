@@ -21,7 +21,7 @@ Inference is `LDCSR.super_resolve`: scenes whose untiled run would need more tha
 the whole scene's latent, every tile is conditioned on the scene's scale and size and normalised
 with the scene's statistics, so tiles agree where they overlap.
 
-Formats (utils/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
+Formats (data/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
 as PNG with the input's bands and bit depth. TIFF/GeoTIFF of any size, band count and dtype are
 streamed block by block from disk to disk (memory does not grow with the scene) and written as
 tiled GeoTIFF (--cog: Cloud-Optimized): CRS, per-axis pixel size (divided by the scale), bands,
@@ -47,13 +47,13 @@ from pathlib import Path
 
 import torch
 
+from data.raster import parse_bands, parse_value_range, raster_size
+from data.scene_io import is_raster, output_suffix, read_scene, super_resolve_raster, write_scene
 from models import load_sr_model
 from models.inference import MIN_TILE, PRECISIONS
 from utils.cli import HelpFormatter, pick_device
 from utils.config import ConfigError
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images
-from utils.raster import parse_bands, parse_value_range, raster_size
-from utils.scene_io import is_raster, output_suffix, read_scene, super_resolve_raster, write_scene
 
 log = logging.getLogger("super_resolve")
 
@@ -252,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("--skip-existing: %d of %d outputs exist already", len(jobs) - len(kept),
                      len(jobs))  # fmt: skip
         jobs, dsts = [job for job, _ in kept], [dst for _, dst in kept]
+        if not jobs:
+            return 0
     check_writable(out_dir)
     device = pick_device(args.device, UsageError)
     if args.threads:

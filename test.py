@@ -16,10 +16,11 @@ it; anything else must be a folder of images. --datatype (underscores accepted):
                  (round(s*h), round(s*w)); no metrics.
   hr-input       super-resolve the images themselves by s (real-world use); no metrics.
 
-Protocol (ARCHITECTURE.md section 4): SR saved as uint8 PNG; PSNR/SSIM on RGB (--test-y: Y) with
-a ceil(s) border crop; LPIPS AlexNet v0.1; FID pytorch-fid 2048-d, SR folder vs HR folder. Batch
-b of a scale samples with torch.Generator().manual_seed(seed + b), so a run is reproducible for a
-given --batch-size (only equal-size images share a batch). A Bicubic row (Pillow) is added.
+Protocol (docs/method.md, "Evaluation protocol"): SR saved as uint8 PNG; PSNR/SSIM on RGB
+(--test-y: Y) with a ceil(s) border crop; LPIPS AlexNet v0.1; FID pytorch-fid 2048-d, SR folder
+vs HR folder. Batch b of a scale samples with torch.Generator().manual_seed(seed + b), so a run is
+reproducible for a given --batch-size (only equal-size images share a batch). A Bicubic row
+(Pillow) is added.
 Offline metric weights: $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth (LPIPS) and
 pt_inception-2015-12-05-6726825d.pth (FID); the lpips package ships its linear layers. Missing
 files are downloaded when online; otherwise the default metrics skip LPIPS/FID with a warning
@@ -31,8 +32,11 @@ summary.md for the whole run. Scenes of any size run in bounded memory: those wh
 would need more than --max-memory GB are tiled (--tile, --tile-overlap; see super_resolve.py).
 Runtime = wall time of the SR call per image (CUDA synchronised);
 peak memory = torch.cuda.max_memory_allocated on CUDA, the process peak RSS on CPU. A non-empty
---out-dir is refused unless --overwrite. Images too small for a scale are listed as failed in
-per_image.csv and the run goes on; bad arguments stop it with a one-line message (exit code 2).
+--out-dir is refused unless --overwrite. Output names are the input stems; where two inputs share
+a stem (x.jpg, x.tif) the extension is kept (x_jpg.png, x_tif.png). Unreadable, truncated or too
+small images are listed as failed in per_image.csv with the reason and the run goes on (exit code
+1 if any failed); bad arguments and paths stop it with a one-line message (exit code 2) before any
+model or metric weights are loaded.
 """
 
 from __future__ import annotations
@@ -45,18 +49,20 @@ from pathlib import Path
 
 import torch
 
-from data.test_pairs import (
+from evaluation.pairs import (
     REFERENCE_DATATYPES,
     EvaluationError,
+    check_inputs,
     parse_datatype,
     parse_scales,
     resolve_dataset,
 )
+from evaluation.runner import check_out_dir, evaluate, load_metrics, parse_metrics, prepare_out_dir
+from evaluation.tables import write_summary
 from models import load_first_stage_model, load_sr_model
 from models.inference import check_tile
 from utils.cli import HelpFormatter, pick_device
 from utils.config import ConfigError
-from utils.evaluation import evaluate, load_metrics, prepare_out_dir, write_summary
 from utils.image_io import ImageReadError
 from utils.weights import MissingWeightsError
 
@@ -67,9 +73,9 @@ ERRORS = (ConfigError, EvaluationError, ImageReadError, MissingWeightsError, Fil
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--checkpoint", "-c", required=True, help="our checkpoint (train.py) or the authors'")
+    add("--checkpoint", required=True, help="our checkpoint (train.py) or the authors'")
     config_help = "model YAML (ours or the authors'); default: the checkpoint's or <run>/configs/"
-    add("--config", default=None, help=config_help)
+    add("--config", "-c", default=None, help=config_help)
     add("--datasets", nargs="+", required=True, help="dataset names under --data-root, or folders")
     add("--data-root", default="dataset", help="folder holding <NAME>/test/HR")
     add("--scales", nargs="+", default=["4"], help="e.g. 2,2.5,3.4,4 or 2 2.5 3.4 4")
@@ -133,14 +139,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--tile / --tile-overlap: {err}")
     if args.first_stage and (args.sr_kd or datatype not in REFERENCE_DATATYPES):
         parser.error("--first-stage needs HR images (hr-downsample or paired) and no --sr-kd")
+    for flag, path in (("--checkpoint", args.checkpoint), ("--config", args.config)):
+        if path is not None and not Path(path).is_file():
+            raise EvaluationError(f"{flag} {path} is not a file")
     device = pick_device(args.device, EvaluationError)
     sources = [resolve_dataset(name, args.data_root) for name in args.datasets]
     if len({source.name for source in sources}) < len(sources):
         parser.error(f"--datasets {args.datasets} give two datasets the same result folder name")
+    for source in sources:  # folders, images and their output names, from file names only
+        check_inputs(source, datatype, scales)
     reference = datatype in REFERENCE_DATATYPES
-    metrics = load_metrics(args.metrics, reference, device, args.fid_dims)  # fails before SR
-    out_dir = prepare_out_dir(args.out_dir or default_out_dir(args.checkpoint), args.overwrite)
+    parse_metrics(args.metrics, reference)
+    out_dir = check_out_dir(args.out_dir or default_out_dir(args.checkpoint), args.overwrite)
+    # Everything above reads no weights: a bad argument fails before any download or model load.
+    metrics = load_metrics(args.metrics, reference, device, args.fid_dims)
     model = load_model(args, device)
+    prepare_out_dir(out_dir, args.overwrite)
     log.info("device %s, metrics %s, writing to %s", device, list(metrics.names), out_dir)
     options = dict(datatype=datatype, metrics=metrics, seed=args.seed, test_y=args.test_y)
     options.update(batch_size=args.batch_size, save_images=args.save_images, sr_kd=args.sr_kd)
@@ -158,9 +172,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def report_failures(rows: list[dict]) -> int:
+    """Exit code of a finished run: 1 (with a message) when any image failed, else 0."""
+    failed = sum(r["failed"] for r in rows if r["method"] == rows[0]["method"]) if rows else 0
+    if failed:
+        sys.stderr.write(f"test.py: {failed} image(s) failed; their reasons are in per_image.csv\n")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(report_failures(main()))
     except ERRORS as err:
         sys.stderr.write(f"test.py: error: {err}\n")
         sys.exit(2)

@@ -9,7 +9,11 @@ Overrides (dotted.key=value) and options may come in any order. A resume continu
 the run stopped (mid-epoch too) with the seed kept in <run>/run.yaml.
 
 Runs are written to logs/<config-stem>/<timestamp>[_name]/ with configs/ (the resolved config),
-checkpoints/ (best by the config's monitor, plus last.ckpt), tensorboard/, csv/ and images/.
+run.yaml (seed, and per start: command, git commit, versions, host, world size), checkpoints/
+(best by the config's monitor, last.ckpt, interrupted.ckpt after Ctrl-C or SIGTERM),
+tensorboard/ and csv/ (the default lightning.logger) and images/. A run that fails before its
+first step removes its folder. lightning.logger and lightning.callbacks take target/params blocks
+(one or a list); lightning.trainer.logger=false trains without loggers.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ import os
 import sys
 from pathlib import Path
 
+from utils.checkpoint import AtomicCheckpointIO
 from utils.cli import HelpFormatter
 from utils.config import ConfigError, instantiate_from_config, load_config
 from utils.training import (
-    AtomicCheckpointIO,
     build_callbacks,
     build_loggers,
+    check_lightning_config,
     make_run_dir,
+    remove_failed_run,
     resolve_resume,
     resolve_seed,
     resolve_strategy,
+    run_entry,
     save_config,
     set_learning_rate,
     write_run_record,
@@ -50,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--seed",
         type=int,
         default=None,
-        help=f"seed for weights, data and scales (default {DEFAULT_SEED}); a resume reuses the "
+        help=f"seed for weights, data and scales (default: {DEFAULT_SEED}); a resume reuses the "
         "run's seed from <run>/run.yaml",
     )
     parser.add_argument("--logdir", default="logs", help="parent folder of the run folders")
@@ -72,11 +79,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def trainer_config(config, args: argparse.Namespace):
+    """`lightning.trainer` with the command-line options applied, after checking its keys."""
+    trainer_cfg = config.setdefault("lightning", {}).setdefault("trainer", {})
+    for key in ("accelerator", "devices", "precision"):
+        if getattr(args, key) is not None:
+            trainer_cfg[key] = getattr(args, key)
+    # The one-scale-per-batch sampler shards indices across ranks itself.
+    trainer_cfg.setdefault("use_distributed_sampler", False)
+    check_lightning_config(config.lightning)
+    return trainer_cfg
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import pytorch_lightning as pl
-
     ckpt_path, run_dir = None, None
     configs = list(args.config)
     if args.resume:
@@ -85,38 +102,41 @@ def main(argv: list[str] | None = None) -> None:
     if not configs:
         raise ConfigError("give --config FILE [FILE ...] or --resume RUN_DIR")
     config = load_config(configs, args.overrides)
-    trainer_cfg = config.setdefault("lightning", {}).setdefault("trainer", {})
-    for key in ("accelerator", "devices", "precision"):
-        if getattr(args, key) is not None:
-            trainer_cfg[key] = getattr(args, key)
-    # The one-scale-per-batch sampler shards indices across ranks itself.
-    trainer_cfg.setdefault("use_distributed_sampler", False)
+    trainer_cfg = trainer_config(config, args)
 
     seed = resolve_seed(args.seed, run_dir, DEFAULT_SEED)
+    import pytorch_lightning as pl
+
     pl.seed_everything(seed, workers=True)
     model = instantiate_from_config(config.model)
     data = instantiate_from_config(config.data)
     resolve_strategy(trainer_cfg, model)
     # DDP ranks started by Lightning inherit the folder rank 0 made (RUN_DIR_ENV, set below).
     run_dir = run_dir or args.run_dir or os.environ.get(RUN_DIR_ENV)
-    run_dir = (
-        Path(run_dir) if run_dir else make_run_dir(args.logdir, Path(configs[-1]).stem, args.name)
-    )
-    trainer = pl.Trainer(
-        **trainer_cfg,
-        default_root_dir=str(run_dir),
-        logger=build_loggers(run_dir, resumed=ckpt_path is not None),
-        callbacks=build_callbacks(config, run_dir, seed=seed),
-        plugins=[AtomicCheckpointIO()],
-    )
-    set_learning_rate(model, config, trainer)
-    if trainer.is_global_zero:
-        save_config(config, run_dir, Path(configs[-1]).stem)
-        write_run_record(run_dir, seed=seed)
-        log.info("run folder: %s", run_dir)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
+    created = run_dir is None or not Path(run_dir).exists()
+    run_dir = Path(run_dir or make_run_dir(args.logdir, Path(configs[-1]).stem, args.name))
+    trainer = None
     try:
+        trainer = pl.Trainer(
+            **{k: v for k, v in trainer_cfg.items() if k != "logger"},
+            default_root_dir=str(run_dir),
+            logger=build_loggers(config.lightning, run_dir, resumed=ckpt_path is not None),
+            callbacks=build_callbacks(config, run_dir, seed=seed),
+            plugins=[AtomicCheckpointIO()],
+        )
+        set_learning_rate(model, config, trainer)
+        if trainer.is_global_zero:
+            save_config(config, run_dir, Path(configs[-1]).stem)
+            argv = sys.argv[1:] if argv is None else argv
+            entry = run_entry(argv, trainer.world_size, ckpt_path and str(ckpt_path))
+            write_run_record(run_dir, seed, entry)
+            log.info("run folder: %s", run_dir)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except BaseException:
+        if created:
+            remove_failed_run(run_dir, trainer)
+        raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
 

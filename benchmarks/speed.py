@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.ldcsr import randomize_zero_init  # noqa: E402
+from tests.helpers import randomize_zero_init  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 from utils.config import instantiate_from_config  # noqa: E402
 

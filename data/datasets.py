@@ -1,4 +1,4 @@
-"""Datasets of the LDCSR data protocol (ARCHITECTURE.md section 1).
+"""Datasets of the LDCSR data protocol (docs/method.md, "Data protocol").
 
 `ImageFolder` lists and reads HR images (optionally through the authors' split pickle);
 `MultiScaleTrainDataset` makes the random-scale training crops of stage 1 and stage 2;
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import pickle
-from pathlib import Path
+from collections import Counter
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -101,6 +102,22 @@ def read_split_file(split_file: str | Path, split: str | None) -> list[str]:
             f"split {split!r} not in split file {split_file} (it holds {list(splits)})"
         )
     return splits[split]
+
+
+def flat_names(files: list[str]) -> dict[str, str]:
+    """Output PNG name of each relative path: the base name, or the whole path joined by "_"
+    when base names collide (compared case-insensitively, for case-insensitive file systems)."""
+    stems = Counter(PurePosixPath(f).stem.casefold() for f in files)
+    names = {}
+    for f in files:
+        path = PurePosixPath(f)
+        unique = stems[path.stem.casefold()] == 1
+        names[f] = (path.stem if unique else "_".join(path.with_suffix("").parts)) + ".png"
+    clashes = Counter(n.casefold() for n in names.values())
+    if any(count > 1 for count in clashes.values()):
+        bad = sorted(n for n, count in clashes.items() if count > 1)[:5]
+        raise ValueError(f"cannot give unique file names to the split's images, e.g. {bad}")
+    return names
 
 
 def _select_files(
@@ -215,7 +232,7 @@ def _item(lr: Image.Image, hr: Image.Image, file_name: str) -> dict:
 
 
 class MultiScaleTrainDataset(Dataset):
-    """Random-scale training crops (ARCHITECTURE.md section 1).
+    """Random-scale training crops (docs/method.md, "Data protocol").
 
     Exactly one of `lr_size` (stage 1: LR fixed at lr_size px, HR crop `int(lr_size * s)` px) or
     `hr_size` (stage 2: HR crop fixed at hr_size px, LR `int(hr_size / s)` px) is set. The crop is
@@ -269,7 +286,7 @@ class MultiScaleTrainDataset(Dataset):
         augment: bool,
     ) -> None:
         """Check and store the crop settings; subclasses that bring their own `self.images`
-        (an `ImageFolder` look-alike, e.g. `data.scenes.SceneTrainDataset`) call it too."""
+        (an `ImageFolder` look-alike, e.g. `data.synthetic.SceneTrainDataset`) call it too."""
         if (lr_size is None) == (hr_size is None):
             raise ValueError("set exactly one of lr_size (stage 1) and hr_size (stage 2)")
         if not 1.0 <= min_scale <= max_scale:
@@ -346,7 +363,7 @@ class FixedScaleDataset(Dataset):
 
     def _set_scale(self, scale: float) -> None:
         """Check and store the scale; subclasses that bring their own `self.images` (an
-        `ImageFolder` look-alike, e.g. `data.scenes.SceneEvalDataset`) call it too."""
+        `ImageFolder` look-alike, e.g. `data.synthetic.SceneEvalDataset`) call it too."""
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
         self.scale = float(scale)

@@ -8,7 +8,7 @@
 Writes `<output_path>/<split>/HR/<name>.png` and `<output_path>/<split>/LR/X<s>/<name>.png` for
 each split of the pickle and each `--scales` value. HR images are saved as PNG (RGB, converted as
 `utils.image_io.load_image` does) so that no JPEG re-encoding loss is added; LR images are the
-Pillow bicubic resize to `(int(H/s), int(W/s))` (ARCHITECTURE.md section 1). Names are flattened:
+Pillow bicubic resize to `(int(H/s), int(W/s))` (docs/method.md). Names are flattened:
 `Park/park_1.jpg` -> `park_1.png`, or `Park_park_1.png` when two source files share a base name.
 `--make-split` writes a seeded split pickle for a dataset that has none (custom datasets, DOTA or
 DIOR crops): the sorted file list is shuffled with `--seed` and cut by `--ratios`.
@@ -20,36 +20,19 @@ import argparse
 import logging
 import pickle
 import sys
-from collections import Counter
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/prepare_split.py`: import from the repo root,
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # not from data/ (would shadow names)
 
 from tqdm import tqdm  # noqa: E402
 
-from data.datasets import load_split_pickle, seeded_split  # noqa: E402
+from data.datasets import flat_names, load_split_pickle, seeded_split  # noqa: E402
 from data.transforms import lr_size, resize_bicubic  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 from utils.image_io import ImageReadError, list_images, load_image  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def flat_names(files: list[str]) -> dict[str, str]:
-    """Output PNG name of each relative path: the base name, or the whole path joined by "_"
-    when base names collide (compared case-insensitively, for case-insensitive file systems)."""
-    stems = Counter(PurePosixPath(f).stem.casefold() for f in files)
-    names = {}
-    for f in files:
-        path = PurePosixPath(f)
-        unique = stems[path.stem.casefold()] == 1
-        names[f] = (path.stem if unique else "_".join(path.with_suffix("").parts)) + ".png"
-    clashes = Counter(n.casefold() for n in names.values())
-    if any(count > 1 for count in clashes.values()):
-        bad = sorted(n for n, count in clashes.items() if count > 1)[:5]
-        raise ValueError(f"cannot give unique file names to the split's images, e.g. {bad}")
-    return names
 
 
 def check_output(output_path: Path, overwrite: bool) -> None:

@@ -1,4 +1,4 @@
-"""Image transforms of the LDCSR data protocol (ARCHITECTURE.md section 1).
+"""Image transforms of the LDCSR data protocol (docs/method.md, "Data protocol").
 
 LR images are Pillow-bicubic resizes of the uint8 HR to `(int(H/s), int(W/s))`; training crops get
 LIIF-style flips and 90-degree rotations before the LR is made.
@@ -47,7 +47,7 @@ def resize_bicubic(img: Image.Image, size_hw: tuple[int, int]) -> Image.Image:
     """
     height, width = size_hw
     # Pillow takes (width, height); the authors' helper passed (h, w), which transposes the LR of
-    # non-square images (ARCHITECTURE.md section 5).
+    # non-square images (docs/method.md, "Known weaknesses").
     return img.resize((width, height), Image.Resampling.BICUBIC)
 
 

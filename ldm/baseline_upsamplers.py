@@ -1,4 +1,4 @@
-"""Upsamplers the paper's ablation compares with its scale-aware one (ARCHITECTURE.md §2).
+"""Upsamplers the paper's ablation compares with its scale-aware one (docs/method.md).
 
 `LocalImplicitUpsampler`: LIIF-style continuous upsampling (Chen et al., CVPR 2021) without the
 local ensemble; `PixelShuffleUpsampler`: the fixed-scale x4 baseline (conv + PixelShuffle).

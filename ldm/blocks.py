@@ -1,4 +1,4 @@
-"""Building blocks of the stage-1 GAP autoencoder (ARCHITECTURE.md §2).
+"""Building blocks of the stage-1 GAP autoencoder (docs/method.md, "Stage 1: GAP decoder").
 
 ResnetBlock / Downsample as in latent-diffusion's autoencoder; the IMD module, contrast-aware
 channel attention and FRU from IMDN; the scale-conditioned feature modulation of the GAP decoder.

@@ -1,4 +1,4 @@
-"""Diagonal Gaussian posterior of the stage-1 KL autoencoder (ARCHITECTURE.md §2)."""
+"""Diagonal Gaussian posterior of the stage-1 KL autoencoder (docs/method.md)."""
 
 from __future__ import annotations
 

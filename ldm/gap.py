@@ -1,4 +1,4 @@
-"""GAP encoder and decoder of the stage-1 autoencoder (ARCHITECTURE.md §2).
+"""GAP encoder and decoder of the stage-1 autoencoder (docs/method.md, "Stage 1").
 
 The encoder sees cat[bicubic_up(LR), HR] and compresses it 8x into the latent; the decoder rebuilds
 HR at any size from LR plus the latent, with scale-conditioned fusion and a scale-aware upsampler.

@@ -1,7 +1,7 @@
 """Stage-1 training loss: L1 + LPIPS(VGG) reconstruction NLL, KL, and a PatchGAN hinge loss.
 
 Re-implements latent-diffusion's ``LPIPSWithDiscriminator`` (``contperceptual.py``) and taming's
-``NLayerDiscriminator`` without taming-transformers (ARCHITECTURE.md section 2, "Loss").
+``NLayerDiscriminator`` without taming-transformers (docs/method.md, "Stage 1 loss").
 """
 
 import os
@@ -145,7 +145,7 @@ def _drop_lins_alias(net: nn.Module) -> None:
 
 
 class LPIPSWithDiscriminator(nn.Module):
-    """Stage-1 loss of latent-diffusion's ``contperceptual.py`` (ARCHITECTURE.md section 2).
+    """Stage-1 loss of latent-diffusion's ``contperceptual.py`` (docs/method.md, "Stage 1 loss").
 
     Generator (``optimizer_idx=0``), with x, x_hat in [-1, 1] of shape [B, 3, H, W]:
     ``rec = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)`` (per pixel, LPIPS broadcast),

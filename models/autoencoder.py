@@ -245,16 +245,7 @@ class AutoencoderKL(pl.LightningModule):
                 )
                 self.log_dict(log_val, sync_dist=True, batch_size=n)
         if batch_idx == 0:
-            self._save_grid(lr, rec, hr)
-
-    @rank_zero_only
-    def _save_grid(self, lr: torch.Tensor, rec: torch.Tensor, hr: torch.Tensor) -> None:
-        """Writes LR-bicubic | reconstruction | HR for the first validation batch."""
-        bicubic = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
-        rows = torch.cat([bicubic[:4], rec[:4], hr[:4]], dim=-1).clamp(-1, 1)
-        path = Path(self.trainer.default_root_dir) / "images" / f"val_{self.batches_seen:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image((rows + 1) / 2, path, nrow=1)
+            save_validation_grid(self, (lr + 1) / 2, (rec + 1) / 2, (hr + 1) / 2, self.batches_seen)
 
     def configure_optimizers(self):
         ae_params = [
@@ -279,3 +270,16 @@ class AutoencoderKL(pl.LightningModule):
         self.batches_seen = int(checkpoint.get("batches_seen", 0))
         if "nonfinite_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["nonfinite_guard"])
+
+
+@rank_zero_only
+def save_validation_grid(
+    module: pl.LightningModule, lr: torch.Tensor, out: torch.Tensor, hr: torch.Tensor, step: int
+) -> None:
+    """Writes `<run>/images/val_<step>.png`: rows of LR-bicubic | output | HR for up to 4 images
+    (lr [B, 3, h, w], out and hr [B, 3, H, W], all in [0, 1])."""
+    bicubic = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+    rows = torch.cat([bicubic[:4], out[:4], hr[:4]], dim=-1).clamp(0, 1)
+    path = Path(module.trainer.default_root_dir) / "images" / f"val_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows, path, nrow=1)

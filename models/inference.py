@@ -13,10 +13,10 @@
 3. the decoder's latent branch (`GAPDecoder.latent_features`) on latent tiles;
 4. decoder tiles in LR pixels (`tile`, `overlap`, `context`): `GAPDecoder.sr_branch` on the LR
    crop, then `GAPDecoder.render` on the tile's HR window of the scene's grid
-   (`utils.tiling.OutputWindow`: any scale), cross-faded on HR windows [round(y0 H/h), ...).
+   (`models.tiling.OutputWindow`: any scale), cross-faded on HR windows [round(y0 H/h), ...).
 
 When a stage has several tiles, its GroupNorm / IMD channel-attention layers normalise every tile
-with statistics recorded in one untiled reference pass over the scene (`utils.scene_stats`;
+with statistics recorded in one untiled reference pass over the scene (`models.scene_stats`;
 downscaled to `stats_pixels` when larger: then they are estimates, but shared, so tiles agree).
 What stays per tile: the UNet's attention and GroupNorm (only for latents larger than
 `latent_tile`) and each tile's finite context.
@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from ldm.blocks import ContrastChannelAttention
 from ldm.diffusion import draw_noise
-from utils.scene_stats import SceneStatistics
-from utils.tiling import (
+from models.scene_stats import SceneStatistics
+from models.tiling import (
     OutputWindow,
     accumulate,
     axis_map,

@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm.diffusion import GaussianDiffusion
 from ldm.ema import LitEma
+from models.autoencoder import save_validation_grid
 from models.guard import NonFiniteLossGuard
 from models.inference import run_tiled
 from utils.checkpoint import load_weights
@@ -275,6 +276,8 @@ class LDCSR(pl.LightningModule):
         n = hr.shape[0]
         self.log("val/psnr", float(psnr(sr, hr, border).mean()), sync_dist=True, batch_size=n)
         self.log("val/ssim", float(ssim(sr, hr, border).mean()), sync_dist=True, batch_size=n)
+        if batch_idx == 0:
+            save_validation_grid(self, batch["lr"], sr, hr, self.global_step)
 
     def configure_optimizers(self):
         params = [*self.model.parameters(), *self.cond_stage_model.parameters()]
@@ -285,15 +288,3 @@ class LDCSR(pl.LightningModule):
         super().train(mode)
         self.first_stage_model.eval()
         return self
-
-
-def randomize_zero_init(model: LDCSR, std: float = 0.02) -> None:
-    """Give the UNet's zero-initialised convs (its output conv and every ResBlock's last conv)
-    N(0, std) weights, as training would, and copy them to the EMA (sampling uses it). For tests
-    and benchmarks with random weights: a fresh UNet predicts eps = 0 exactly, which would hide
-    its embeddings and the sampling chain from any comparison."""
-    with torch.no_grad():
-        for name, param in model.model.named_parameters():
-            if param.dim() > 1 and not param.any():
-                nn.init.normal_(param, std=std)
-                getattr(model.model_ema, model.model_ema.m_name2s_name[name]).copy_(param)

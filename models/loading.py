@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
-from utils.checkpoint import load_state
+from utils.checkpoint import load_state, read_checkpoint
 from utils.config import ConfigError, instantiate_from_config, translate_authors_config
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,6 @@ def find_config(checkpoint: str | Path, ckpt: dict, config: Any = None) -> dict:
     return translate_authors_config(config)
 
 
-def _read(checkpoint: str | Path, map_location) -> dict:
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a checkpoint (expected a dict, got {type(ckpt).__name__})")
-    return ckpt if "state_dict" in ckpt else {"state_dict": ckpt}
-
-
 def load_sr_model(checkpoint: str | Path, config: Any = None, map_location="cpu"):
     """Returns the stage-2 `LDCSR` of `checkpoint` in eval mode (EMA weights used for sampling).
 
@@ -67,7 +56,7 @@ def load_sr_model(checkpoint: str | Path, config: Any = None, map_location="cpu"
 
     Missing or unexpected keys are logged (schedule buffers and `loss.*` excepted).
     """
-    ckpt = _read(checkpoint, map_location)
+    ckpt = read_checkpoint(checkpoint, map_location)
     state = ckpt["state_dict"]
     if not any(k.startswith("model.diffusion_model.") for k in state):
         raise ConfigError(
@@ -91,12 +80,13 @@ def load_sr_model(checkpoint: str | Path, config: Any = None, map_location="cpu"
 def load_first_stage_model(checkpoint: str | Path, config: Any = None, map_location="cpu"):
     """Returns the stage-1 `AutoencoderKL` of a stage-1 checkpoint (or of a stage-2 one's
     `first_stage_model`) in eval mode, without its training loss."""
-    ckpt = _read(checkpoint, map_location)
+    ckpt = read_checkpoint(checkpoint, map_location)
     state = ckpt["state_dict"]
     model_cfg = find_config(checkpoint, ckpt, config)["model"]
     if any(k.startswith("first_stage_model.") for k in state):
         model_cfg = model_cfg["params"]["first_stage_config"]
-        state = {k[18:]: v for k, v in state.items() if k.startswith("first_stage_model.")}
+        prefix = "first_stage_model."
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     params = {**model_cfg.get("params", {}), "lossconfig": None, "ckpt_path": None}
     model = instantiate_from_config({"target": model_cfg["target"], "params": params})
     load_state(model, state, ignore_prefixes=("loss.",), source=str(checkpoint))

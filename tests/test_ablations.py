@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from models.ldcsr import randomize_zero_init
 from tests.conftest import ROOT, tiny_config
+from tests.helpers import randomize_zero_init
 from tests.test_tiling import lively, plain_forward
 from utils.config import instantiate_from_config
 

@@ -19,3 +19,38 @@ def test_pick_device_resolves_auto_and_names_the_fix_for_missing_cuda():
         pytest.skip("CUDA is available: nothing to refuse")
     with pytest.raises(_FlagError, match="use cpu or auto"):
         pick_device("cuda", _FlagError)
+
+
+ENTRY_POINTS = ["train.py", "test.py", "super_resolve.py", "demo.py", "data/prepare_split.py"]
+_HELP = """
+import contextlib, io, json, runpy, sys
+out = {}
+for script in sys.argv[1:]:
+    sys.argv, buf = [script, "--help"], io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    out[script] = buf.getvalue()
+print(json.dumps(out))
+"""
+
+
+def test_help_texts_show_each_default_once_and_keep_example_line_breaks():
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"COLUMNS": "200", "PATH": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _HELP, *ENTRY_POINTS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    helps = json.loads(proc.stdout.splitlines()[-1])
+    for script in ENTRY_POINTS:
+        text = helps[script]
+        assert "usage:" in text, f"{script}: no help text"
+        assert "(default: None)" not in text, script
+        twice = [line for line in text.splitlines() if line.lower().count("default") > 1]
+        assert not twice, f"{script} prints a default twice: {twice}"
+        examples = [line for line in text.splitlines() if line.startswith("    python ")]
+        assert examples, f"{script}: the example commands lost their line breaks"

@@ -464,3 +464,25 @@ def test_real_images_from_train_pool():
     assert batch["hr"].shape == (3, 3, 64, 64) and batch["lr"].shape[-1] == int(
         64 / batch["scale"][0]
     )
+
+
+@pytest.mark.parametrize(
+    "config,folder", [("first_stage_kl_v6", "train"), ("second_stage_van_v4", "val")]
+)
+def test_paper_configs_validate_on_the_authors_two_images(tmp_path, config, folder):
+    """Stage 1 validated on the first 2 *training* images at x4, stage 2 on the first 2
+    validation images; the kept checkpoint (best.ckpt) depends on it."""
+    from omegaconf import OmegaConf
+
+    from utils.config import instantiate_from_config
+
+    for split in ("train", "val"):
+        for i in range(4):
+            write_rgb(tmp_path / split / "HR" / f"{split}{i}.png", 384, 384, seed=i)
+    cfg = OmegaConf.load(REPO / "configs" / f"{config}.yaml")
+    cfg.merge_with_dotlist([f"data.params.data_root={tmp_path}", "data.params.num_workers=0"])
+    dm = instantiate_from_config(cfg.data)
+    dm.setup("fit")
+    val = dm.datasets["validation"]
+    assert [str(f) for f in val.images.files] == [f"{folder}0.png", f"{folder}1.png"]
+    assert val.scale == 4.0

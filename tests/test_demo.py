@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import demo
-from data.scenes import write_scenes
+from data.synthetic import write_scenes
 
 # A few batches per stage, tiny images, one scale: the pipeline, not the learning (README).
 FAST = [

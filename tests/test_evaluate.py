@@ -1,4 +1,4 @@
-"""test.py and utils/evaluation.py end to end on tiny checkpoints and small holdout crops."""
+"""test.py and evaluation/runner.py end to end on tiny checkpoints and small holdout crops."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from data.transforms import lr_size, resize_bicubic
+from evaluation import runner
+from evaluation.runner import EvaluationError, parse_scales, prepare_out_dir
 from models import load_sr_model
 from tests.conftest import ROOT, shared_path, tiny_config
-from utils import evaluation
+from tests.helpers import write_random_weights
 from utils.config import ConfigError, instantiate_from_config
-from utils.evaluation import EvaluationError, parse_scales, prepare_out_dir
 from utils.image_io import load_image, to_tensor01
 from utils.metrics import fid_from_folders, fid_statistics, quantize
-from utils.weights import MissingWeightsError, build_inception, write_random_weights
+from utils.weights import MissingWeightsError, build_inception
 
 _spec = importlib.util.spec_from_file_location("ldcsr_test_cli", ROOT / "test.py")
 cli = importlib.util.module_from_spec(_spec)  # `import test` could give the stdlib package
@@ -170,7 +171,7 @@ def test_fid_fits_each_hr_folder_once(
         fitted.append(Path(folder).relative_to(out).as_posix())
         return fid_statistics(folder, *args)
 
-    monkeypatch.setattr(evaluation, "fid_statistics", spy)
+    monkeypatch.setattr(runner, "fid_statistics", spy)
     args = ("--scales", "2,4", "--metrics", "fid", "--fid-dims", "64", "--sr-kd", "--device", "cpu")
     rows = _run(tiny_sr_checkpoint, data_root, out, *args, dataset="HOLD")
     folders = ("hr", "sr", "sr_kd", "bicubic")
@@ -255,7 +256,9 @@ def test_too_small_image_is_recorded_and_the_rest_go_on(
 
 
 def test_cli_exits_with_code_2_and_one_line(tmp_path):
-    cmd = [sys.executable, str(ROOT / "test.py"), "--checkpoint", "x.ckpt", "--datasets", "NOPE"]
+    (tmp_path / "x.ckpt").write_bytes(b"")  # checked before the dataset: it must exist
+    ckpt = str(tmp_path / "x.ckpt")
+    cmd = [sys.executable, str(ROOT / "test.py"), "--checkpoint", ckpt, "--datasets", "NOPE"]
     proc = subprocess.run(
         [*cmd, "--data-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )

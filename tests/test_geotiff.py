@@ -1,4 +1,4 @@
-"""GeoTIFF scenes (utils/raster.py, utils/scene_io.py): georeferencing, bands, radiometry, nodata,
+"""GeoTIFF scenes (data/raster.py, data/scene_io.py): georeferencing, bands, radiometry, nodata,
 streaming, COG and clear errors, on rasters the tests write, with a bicubic `sr_fn`."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.transform import from_origin
 
-import utils.scene_io as scene_io
-from data.scenes import generate_scene
+import data.scene_io as scene_io
+from data.raster import RasterWriteError, parse_bands, parse_value_range, raster_size
+from data.scene_io import read_scene, super_resolve_raster, write_scene
+from data.synthetic import generate_scene
 from tests.conftest import SHARED
 from utils.image_io import ImageReadError
-from utils.raster import RasterWriteError, parse_bands, parse_value_range, raster_size
-from utils.scene_io import read_scene, super_resolve_raster, write_scene
 
 ORIGIN = from_origin(500000.0, 4200000.0, 10.0, 10.0)  # 10 m pixels, UTM 33N
 

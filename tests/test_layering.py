@@ -1,54 +1,109 @@
-"""Dependencies flow one way: entry points -> models, data, utils -> ldm (STYLE.md)."""
+"""Dependencies flow one way: scripts -> evaluation -> models -> data -> utils, ldm.
+
+`ldm` is pure PyTorch; `utils` holds small helpers that import no other package of ours; `data`
+reads and writes images without models; no library module imports a script or `tests`.
+"""
 
 from __future__ import annotations
 
 import ast
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 
-ENTRY_POINTS = {"train", "test", "super_resolve", "demo"}
+SCRIPTS = ("train", "test", "super_resolve", "demo", "data.prepare_split")
+LIBRARY = ("ldm", "utils", "data", "models", "evaluation")
 FORBIDDEN = {
-    "ldm": {
-        "lightning",
-        "pytorch_lightning",
-        "omegaconf",
-        "models",
-        "data",
-        "utils",
-        *ENTRY_POINTS,
-    },
-    "utils": {"models", *ENTRY_POINTS},
-    "data": {"models", *ENTRY_POINTS},
-    "models": {*ENTRY_POINTS},
+    "utils": ("data", "models", "evaluation", "ldm"),
+    "data": ("models", "evaluation"),
+    "models": ("evaluation",),
+    "evaluation": (),
+    "ldm": ("lightning", "pytorch_lightning", "omegaconf", "utils", "data", "models", "evaluation"),
 }
+# ldm's only third-party imports: tensors, einops, and the LPIPS network of the stage-1 loss.
+LDM_ALLOWED = {"ldm", "torch", "numpy", "einops", "lpips", *sys.stdlib_module_names}
 
 
-def _imports(path):
-    tree = ast.parse(path.read_text(), filename=str(path))
-    for node in ast.walk(tree):
+def _module_name(path: Path) -> str:
+    """`data/synthetic/layout.py` -> `data.synthetic.layout`, `data/__init__.py` -> `data`."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, relative imports resolved; `from a import b` gives `a` and
+    `a.b` (b may be a submodule, e.g. `from data import prepare_split`)."""
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            yield from (alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module.split(".")[0]
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def _within(name: str, packages) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def _files(package: str) -> list[Path]:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"{package}/ has no Python files: the layering rules would check nothing"
+    return files
+
+
+def _violations(package: str) -> list[str]:
+    """`"<file> imports <module>"` for each forbidden import (the shortest name of each)."""
+    bad = []
+    for path in _files(package):
+        names = imported_modules(path)
+        wrong = {n for n in names if _within(n, (*FORBIDDEN[package], *SCRIPTS, "tests"))}
+        if package == "ldm":
+            wrong |= {n for n in names if n.split(".")[0] not in LDM_ALLOWED}
+        shortest = sorted(n for n in wrong if not _within(n.rsplit(".", 1)[0], wrong - {n}))
+        bad += [f"{path.relative_to(ROOT)} imports {n}" for n in shortest]
+    return bad
+
+
+@pytest.mark.parametrize("package", LIBRARY)
 def test_package_imports_flow_one_way(package):
-    bad = [
-        f"{path.relative_to(ROOT)} imports {name}"
-        for path in sorted((ROOT / package).rglob("*.py"))
-        for name in _imports(path)
-        if name in FORBIDDEN[package]
-    ]
+    bad = _violations(package)
     assert not bad, bad
+
+
+def test_the_checker_sees_relative_and_submodule_imports(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "utils").mkdir()
+    (tmp_path / "utils" / "x.py").write_text(
+        "from . import checkpoint\nimport data.datasets as d\nfrom tests.helpers import x\n"
+    )
+    (tmp_path / "data" / "synthetic").mkdir(parents=True)
+    (tmp_path / "data" / "synthetic" / "y.py").write_text(
+        "from .. import prepare_split\nfrom ..datasets import flat_names\nimport test\n"
+    )
+    assert _violations("utils") == [
+        "utils/x.py imports data.datasets",
+        "utils/x.py imports tests.helpers",
+    ]
+    assert _violations("data") == [
+        "data/synthetic/y.py imports data.prepare_split",
+        "data/synthetic/y.py imports test",
+    ]
 
 
 def test_no_device_literals_or_prints_in_library_code():
     bad = []
-    for package in FORBIDDEN:
-        for path in sorted((ROOT / package).rglob("*.py")):
+    for package in LIBRARY:
+        for path in _files(package):
             text = path.read_text()
             for token in (".cuda()", '"cuda:0"', "'cuda:0'"):
                 if token in text:

@@ -14,7 +14,7 @@ from ldm.losses import (
     vanilla_d_loss,
     weights_init,
 )
-from utils.weights import write_random_weights
+from tests.helpers import write_random_weights
 
 
 class TinyPerceptual(nn.Module):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import write_random_weights
 from utils.metrics import (
     crop_border_for,
     fid_from_folders,
@@ -26,7 +27,6 @@ from utils.weights import (
     build_lpips,
     missing_weights_message,
     weights_available,
-    write_random_weights,
 )
 
 skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is test-only")

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from models import load_first_stage_model, load_sr_model
 from tests.conftest import ROOT, shared_path, tiny_config
+from utils.checkpoint import read_checkpoint, read_state_dict
 from utils.config import ConfigError, instantiate_from_config, translate_authors_config
 
 
@@ -71,10 +72,11 @@ def test_load_sr_model_from_authors_checkpoint_and_yaml(authors_ckpt):
 
 def test_load_sr_model_rejects_stage1_checkpoint(tmp_path, authors_ckpt):
     _, yaml, conformance = authors_ckpt
+    prefix = "first_stage_model."
     state = {
-        k[18:]: v
+        k.removeprefix(prefix): v
         for k, v in conformance["state_dict"].items()
-        if k.startswith("first_stage_model.")
+        if k.startswith(prefix)
     }
     path = tmp_path / "stage1.ckpt"
     torch.save({"state_dict": state}, path)
@@ -90,6 +92,30 @@ def test_load_first_stage_from_stage2_checkpoint(authors_ckpt):
     with torch.no_grad():
         mean = ae.encode(hr, lr).mean
     assert (mean - case["stage1_posterior_mean"]).abs().max() <= 1e-4
+
+
+def test_one_checkpoint_reader_with_clear_errors(tmp_path):
+    weights = {"w": torch.ones(2)}
+    torch.save({"state_dict": weights, "config": {"model": {}}}, tmp_path / "ours.ckpt")
+    torch.save(weights, tmp_path / "bare.pt")
+    ours = read_checkpoint(tmp_path / "ours.ckpt")
+    assert ours["config"] == {"model": {}} and torch.equal(ours["state_dict"]["w"], weights["w"])
+    assert read_checkpoint(tmp_path / "bare.pt").keys() == {"state_dict"}
+    assert torch.equal(read_state_dict(tmp_path / "bare.pt")["w"], weights["w"])
+    torch.save([1, 2], tmp_path / "list.pt")
+    torch.save({"epoch": 3}, tmp_path / "meta.pt")
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    cases = {
+        "missing.ckpt": (FileNotFoundError, "checkpoint not found"),
+        "text.ckpt": (ValueError, "not a readable PyTorch checkpoint"),
+        "list.pt": (ValueError, "expected a dict, got list"),
+        "meta.pt": (ValueError, "holds no state dict"),
+    }
+    for name, (error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            read_checkpoint(tmp_path / name)
+        with pytest.raises(error, match=message):  # the model loaders use the same reader
+            load_first_stage_model(tmp_path / name)
 
 
 def test_missing_config_is_a_clear_error(tmp_path, authors_ckpt):

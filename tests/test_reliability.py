@@ -12,12 +12,14 @@ import torch
 from models.guard import NonFiniteLossGuard
 from tests.conftest import ROOT, tiny_config
 from tests.test_training import FAST, _train, image_dir, stage1_run  # noqa: F401 - fixtures
+from utils.checkpoint import AtomicCheckpointIO
 from utils.config import instantiate_from_config
-from utils.training import AtomicCheckpointIO
+from utils.training import resolve_resume
 
 
 def _ckpt(run):
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    """The checkpoint `--resume <run>` continues from (last.ckpt, or a newer interrupted.ckpt)."""
+    return torch.load(resolve_resume(run)[1], weights_only=False)
 
 
 def _assert_same_training_state(a: dict, b: dict) -> None:
@@ -218,7 +220,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, stage, stage1_run, image_dir):  # no
 
 
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path, image_dir):  # noqa: F811
-    """SIGTERM mid-run (e.g. a SLURM time limit) leaves a last.ckpt that --resume continues."""
+    """SIGTERM mid-run (e.g. a SLURM time limit) leaves a checkpoint that --resume continues."""
     import signal
     import time
 
@@ -243,6 +245,8 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, image_dir):  # noqa: F81
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0].decode()
     (run,) = logdir.glob("*/*")
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    # Lightning's OnExceptionCheckpoint file, which --resume <run> picks (newer than last.ckpt)
+    ckpt = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
     assert ckpt["global_step"] > 0, output[-2000:]
-    assert "--resume" in output
+    assert resolve_resume(run)[1].name == "interrupted.ckpt"
+    assert f"--resume {run}" in output

@@ -57,7 +57,10 @@ def _resume_and_compare(run, stage, straight: dict) -> None:
     resumed = _ckpt(run)
     _assert_same_training_state(straight, resumed)
     assert resumed["epoch"] == straight["epoch"] and resumed["seed"] == 1
-    assert read_run_record(run) == {"seed": 1}
+    record = read_run_record(run)
+    assert record["seed"] == 1 and len(record["runs"]) == 2  # first start + this resume
+    assert record["runs"][1]["resumed_from"].endswith(("last.ckpt", "interrupted.ckpt"))
+    assert not (run / "checkpoints" / "interrupted.ckpt").exists()  # removed by a clean end
     if number == 1:
         assert resumed["batches_seen"] == straight["batches_seen"] == BATCHES
     else:

@@ -14,7 +14,8 @@ from PIL import Image, ImageFilter
 from data.datamodule import DataModule
 from data.datasets import MultiScaleTrainDataset
 from data.sampler import ScaleBatchSampler
-from data.scenes import GeneratedScenes, SceneEvalDataset, generate_scene, main
+from data.synthetic import GeneratedScenes, SceneEvalDataset, generate_scene
+from data.synthetic.__main__ import main
 from utils.config import instantiate_from_config
 from utils.image_io import list_images, load_image
 
@@ -82,10 +83,10 @@ def test_scene_datasets_work_from_a_config():
         """
         batch_size: 2
         train:
-          target: data.scenes.SceneTrainDataset
+          target: data.synthetic.SceneTrainDataset
           params: {num_images: 3, size: 48, seed: 0, lr_size: 8, max_scale: 4}
         validation:
-          target: data.scenes.SceneEvalDataset
+          target: data.synthetic.SceneEvalDataset
           params: {num_images: 2, size: [40, 56], seed: 1, scale: 4}
         """
     )
@@ -127,10 +128,11 @@ def test_command_writes_the_dataset_images_and_refuses_to_overwrite(tmp_path, ca
     assert Image.open(out / "scene_0000.png").size == (16, 16)
 
 
-def test_command_runs_as_a_file(tmp_path):
+def test_command_runs_as_a_module(tmp_path):
     cmd = [
         sys.executable,
-        "data/scenes.py",
+        "-m",
+        "data.synthetic",
         "--output",
         str(tmp_path),
         "--num",

@@ -3,6 +3,8 @@ no silent overwrite, per-file failures and clear errors for bad arguments."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import rasterio
@@ -11,7 +13,7 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 import super_resolve
-from utils.scene_io import read_scene
+from data.scene_io import read_scene
 
 
 @pytest.fixture(autouse=True)
@@ -177,6 +179,7 @@ def test_geotiff_keeps_georeference_with_pixel_size_divided_by_the_scale(
 
 
 def test_suffix_skip_existing_and_output_clashes(tiny_sr_checkpoint, images, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     out, args = tmp_path / "out", ["--checkpoint", tiny_sr_checkpoint, "--no-progress"]
     assert run(images / "rgb.png", "-o", out, "--suffix", "_x2", "--scale", "2", *args) == 0
     assert Image.open(out / "rgb_x2.png").size == (48, 40) and not (out / "rgb.png").exists()

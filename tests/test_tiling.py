@@ -12,11 +12,11 @@ from torch import nn
 from ldm.blocks import ContrastChannelAttention
 from ldm.upsampler import ScaleAwareUpsampler
 from models.inference import Geometry, SceneTiler
+from models.scene_stats import SceneStatistics
+from models.tiling import axis_map, axis_weights, resize_window, split_axis, tile_grid
 from tests.conftest import shared_path, tiny_config
 from utils.config import instantiate_from_config
 from utils.image_io import load_image, to_tensor01
-from utils.scene_stats import SceneStatistics
-from utils.tiling import axis_map, axis_weights, resize_window, split_axis, tile_grid
 
 
 def lively(model, seed: int = 0):

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import train
-from models.ldcsr import randomize_zero_init
 from tests.conftest import tiny_config
+from tests.helpers import randomize_zero_init
 from utils.config import ConfigError, instantiate_from_config
 
 
@@ -215,7 +215,7 @@ def _fit(model, tmp_path, batches=1):
 def paper_stage1(tmp_path_factory):
     """The stage-1 paper config (LPIPS on random VGG weights), fitted on one batch."""
     from tests.conftest import ROOT
-    from utils.weights import write_random_weights
+    from tests.helpers import write_random_weights
 
     tmp = tmp_path_factory.mktemp("paper_stage1")
     with pytest.MonkeyPatch.context() as mp:

@@ -8,7 +8,17 @@ import torch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the module docstring's line breaks (its example commands)."""
+    """Shows each default once and keeps the module docstring's line breaks (its examples).
+
+    A help text that names its default itself ("default: ...") or a flag whose default is None,
+    False or empty gets no automatic "(default: ...)".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, "", []):
+            return text
+        return super()._get_help_string(action)
 
 
 def pick_device(name: str, error: type[Exception] = ValueError) -> torch.device:

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper (ARCHITECTURE.md section 4): PSNR, SSIM, LPIPS and FID.
+"""The paper's metrics (docs/method.md, "Evaluation protocol"): PSNR, SSIM, LPIPS and FID.
 
 Protocol: SR and HR are float images in [0, 1], quantised to uint8 values
 (``round(clamp(x, 0, 1) * 255)``); PSNR/SSIM crop ``ceil(scale)`` pixels from every border and

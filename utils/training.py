@@ -1,25 +1,35 @@
-"""Run-folder, logger, callback and learning-rate helpers used by train.py."""
+"""Run folders, run records, loggers and callbacks from the config, and the learning rate:
+the helpers train.py composes a Lightning run from."""
 
 from __future__ import annotations
 
+import inspect
 import logging
-import os
-import random
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from utils.config import ConfigError
+from utils.checkpoint import (
+    INTERRUPTED,
+    InterruptCheckpoint,
+    ResumePointInCheckpoint,
+    RNGStateInCheckpoint,
+)
+from utils.config import ConfigError, get_obj_from_str, to_plain
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_run_dir(logdir: str | Path, stem: str, name: str = "") -> Path:
@@ -33,14 +43,33 @@ def make_run_dir(logdir: str | Path, stem: str, name: str = "") -> Path:
     return run_dir
 
 
+def remove_failed_run(run_dir: Path, trainer: pl.Trainer | None) -> bool:
+    """Deletes a run folder this process made when the run stopped before its first optimiser
+    step (bad data root, config error, Ctrl-C during setup): it holds nothing to resume."""
+    if trainer is not None and (trainer.global_step > 0 or not trainer.is_global_zero):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
+        run_dir.parent.rmdir()  # logs/<config-stem>/ made for this run alone
+    log.error("the run failed before its first step; removed its folder %s", run_dir)
+    return True
+
+
 def resolve_resume(path: str | Path) -> tuple[Path, Path, list[str]]:
     """`--resume` target -> (run folder, checkpoint, saved config files).
 
-    Accepts a run folder (uses checkpoints/last.ckpt) or a checkpoint inside one.
+    Accepts a checkpoint inside a run folder, or a run folder: then the newer of
+    `checkpoints/last.ckpt` and `checkpoints/interrupted.ckpt` (Ctrl-C, SIGTERM).
     """
     path = Path(path)
     if path.is_dir():
-        run_dir, ckpt = path, path / "checkpoints" / "last.ckpt"
+        run_dir = path
+        found = [
+            p for p in (path / "checkpoints").glob("*.ckpt") if p.stem in ("last", INTERRUPTED)
+        ]
+        ckpt = max(
+            found, key=lambda p: p.stat().st_mtime_ns, default=path / "checkpoints/last.ckpt"
+        )
     else:
         run_dir, ckpt = path.parent.parent, path
     if not ckpt.is_file():
@@ -53,7 +82,7 @@ RUN_RECORD = "run.yaml"
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
-    """The fields of `run_dir/run.yaml` (e.g. `seed`), or {} when the run has no record."""
+    """The fields of `run_dir/run.yaml` (`seed`, `runs`), or {} when the run has no record."""
     path = Path(run_dir) / RUN_RECORD
     if not path.is_file():
         return {}
@@ -63,10 +92,41 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def write_run_record(run_dir: str | Path, **fields: Any) -> Path:
-    """Merges `fields` into `run_dir/run.yaml`, the run's record (kept across resumes)."""
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_entry(argv: list[str], world_size: int, resumed_from: str | None = None) -> dict:
+    """What one start of train.py ran: command, code version, packages, host, world size."""
+    commit, status = _git("rev-parse", "HEAD"), _git("status", "--porcelain")
+    return {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "train.py", *argv]),
+        "cwd": str(Path.cwd()),
+        "git_commit": commit,
+        "git_dirty": None if commit is None or status is None else bool(status),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "lightning": str(pl.__version__),
+        "host": socket.gethostname(),
+        "world_size": int(world_size),
+        "resumed_from": resumed_from,
+    }
+
+
+def write_run_record(run_dir: str | Path, seed: int, entry: dict) -> Path:
+    """Appends `entry` (`run_entry`) to `run_dir/run.yaml`, the run's record across resumes; the
+    first start's seed is kept (resolve_seed refuses another)."""
     path = Path(run_dir) / RUN_RECORD
-    record = {**read_run_record(run_dir), **fields}
+    record = read_run_record(run_dir)
+    record.setdefault("seed", seed)
+    record["runs"] = [*record.get("runs", []), entry]
     OmegaConf.save(OmegaConf.create(record), path)
     return path
 
@@ -102,16 +162,97 @@ def save_config(config: Any, run_dir: Path, stem: str) -> Path:
     return out
 
 
-def build_loggers(run_dir: Path, resumed: bool = False) -> list:
-    """TensorBoard (appends across resumes) and CSV logs; a resumed run gets its own CSV folder
-    (`csv_resumed_<timestamp>`), since the CSV logger rewrites the folder it is given."""
-    csv_version = "csv"
-    if resumed:
-        csv_version = f"csv_resumed_{datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}"
-    return [
-        TensorBoardLogger(str(run_dir), name="", version="tensorboard"),
-        CSVLogger(str(run_dir), name="", version=csv_version),
-    ]
+LIGHTNING_KEYS = ("trainer", "logger", "callbacks")
+# Trainer arguments train.py sets itself, and where to set them instead.
+_OWN_TRAINER_KEYS = {
+    "callbacks": "lightning.callbacks (added to train.py's own)",
+    "default_root_dir": "--logdir, --run-dir or --name",
+    "plugins": "nothing: train.py sets its checkpoint I/O plugin",
+}
+
+
+def check_lightning_config(lightning: Mapping) -> None:
+    """Every key of the `lightning` section and of `lightning.trainer` must be known (a typo
+    names the valid keys); `lightning.trainer.logger` may only be true or false."""
+    _check_keys(lightning, LIGHTNING_KEYS, "lightning")
+    trainer = lightning.get("trainer") or {}
+    valid = [k for k in inspect.signature(pl.Trainer.__init__).parameters if k != "self"]
+    for key, where in _OWN_TRAINER_KEYS.items():
+        if key in trainer:
+            raise ConfigError(f"lightning.trainer.{key} is set by train.py; use {where}")
+    _check_keys(trainer, [k for k in valid if k not in _OWN_TRAINER_KEYS], "lightning.trainer")
+    if not isinstance(trainer.get("logger", True), bool):
+        raise ConfigError(
+            "lightning.trainer.logger must be true or false; configure loggers under "
+            "lightning.logger (target/params blocks)"
+        )
+
+
+def _check_keys(block: Mapping, valid, where: str) -> None:
+    unknown = sorted(set(block) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {f'{where}.{unknown[0]}'!r}; valid keys under {where}: "
+            f"{sorted(valid)}"
+        )
+
+
+def _blocks(value: Any, where: str) -> list[tuple[str, Mapping]]:
+    """A `target`/`params` block, a list of them, or a mapping of named blocks (latent-diffusion
+    style) -> [(where, block)]."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping) and "target" not in value:
+        return [b for name, v in value.items() for b in _blocks(v, f"{where}.{name}")]
+    if isinstance(value, Mapping):
+        return [(where, value)]
+    if isinstance(value, (list, tuple)):
+        return [b for i, v in enumerate(value) for b in _blocks(v, f"{where}[{i}]")]
+    raise ConfigError(f"{where} must be a target/params block or a list of them, got {value!r}")
+
+
+def _build(where: str, block: Mapping, **defaults: Any) -> Any:
+    """`target(**params)`, with `defaults` for the arguments the target takes and params omit."""
+    _check_keys(block, ("target", "params"), where)
+    try:
+        cls = get_obj_from_str(block["target"])
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"{where}.target: {err}") from err
+    params, accepted = dict(block.get("params") or {}), inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        _check_keys(params, accepted, f"{where}.params")
+    params.update({k: v for k, v in defaults.items() if k in accepted and k not in params})
+    try:
+        return cls(**params)
+    except ImportError as err:  # e.g. WandbLogger without the wandb package
+        raise ConfigError(f"{where} ({block['target']}) needs a missing package: {err}") from err
+
+
+DEFAULT_LOGGERS = [
+    {"target": "pytorch_lightning.loggers.TensorBoardLogger"},
+    {"target": "pytorch_lightning.loggers.CSVLogger"},
+]
+
+
+def build_loggers(lightning: Mapping, run_dir: Path, resumed: bool = False) -> list | bool:
+    """The loggers of `lightning.logger` (default TensorBoard + CSV), writing into the run folder;
+    False for `lightning.trainer.logger: false`.
+
+    TensorBoard goes to `tensorboard/` (appended across resumes), CSV to `csv/`; a resumed run
+    gets its own CSV folder (`csv_resumed_<timestamp>`), since the CSV logger rewrites the folder
+    it is given. Other loggers (W&B, MLflow, ...) get `save_dir=<run>` unless their params set it.
+    """
+    if not (lightning.get("trainer") or {}).get("logger", True):
+        return False
+    csv = f"csv_resumed_{datetime.now():%Y-%m-%dT%H-%M-%S}" if resumed else "csv"
+    versions = {"TensorBoardLogger": "tensorboard", "CSVLogger": csv}
+    loggers = []
+    blocks = _blocks(to_plain(lightning.get("logger")), "lightning.logger")
+    for where, block in blocks or _blocks(DEFAULT_LOGGERS, "lightning.logger"):
+        kind = str(block["target"]).rpartition(".")[2]
+        defaults = {"name": "", "version": versions[kind]} if kind in versions else {}
+        loggers.append(_build(where, block, save_dir=str(run_dir), **defaults))
+    return loggers
 
 
 class ConfigInCheckpoint(Callback):
@@ -129,8 +270,10 @@ class ConfigInCheckpoint(Callback):
 
 
 def build_callbacks(config: Any, run_dir: Path, seed: int | None = None) -> list[Callback]:
-    """Best-by-monitor + last checkpoints, the config callback and a learning-rate monitor."""
-    model_cfg = config.model
+    """Best-by-monitor + last checkpoints, the config, RNG and resume-point callbacks, the
+    interrupt checkpoint, a learning-rate monitor (when there is a logger), then the callbacks of
+    `lightning.callbacks`."""
+    model_cfg, lightning = config.model, config.get("lightning") or {}
     monitor = model_cfg.get("monitor") or (model_cfg.get("params") or {}).get("monitor")
     mode = model_cfg.get("monitor_mode") or ("max" if monitor and "psnr" in monitor else "min")
     checkpoint = ModelCheckpoint(
@@ -142,132 +285,21 @@ def build_callbacks(config: Any, run_dir: Path, seed: int | None = None) -> list
         mode=mode,
         save_last=True,
         save_top_k=1,
-        # Overwrite last.ckpt even when SaveOnInterrupt (not this callback) wrote it, rather than
-        # writing last-v1.ckpt, which `--resume <run>` would not find.
+        # Overwrite last.ckpt of an earlier start of this run rather than writing last-v1.ckpt,
+        # which `--resume <run>` would not find.
         enable_version_counter=False,
     )
-    return [
+    callbacks = [
         checkpoint,
         ConfigInCheckpoint(config, seed),
         RNGStateInCheckpoint(),
         ResumePointInCheckpoint(),
-        SaveOnInterrupt(run_dir / "checkpoints" / "last.ckpt"),
-        LearningRateMonitor(logging_interval="step"),
+        InterruptCheckpoint(run_dir / "checkpoints"),
     ]
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes `<path>.tmp-<pid>`, flushes it to disk, then renames it over `<path>`.
-
-    A save interrupted midway (killed job, full disk) leaves the previous checkpoint intact.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _rng_states() -> dict:
-    """The Python, NumPy and torch (CPU and CUDA) RNG states, as tensors and plain Python types
-    only, so a checkpoint holding them loads with weights_only=True."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _stopped_mid_epoch(trainer: pl.Trainer) -> bool:
-    """True while saving a checkpoint in the middle of a training epoch (max_steps, SIGTERM)."""
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-    return done < trainer.num_training_batches
-
-
-class RNGStateInCheckpoint(Callback):
-    """Saves and restores the Python, NumPy and torch RNG states, so a resumed run draws the same
-    posterior and diffusion noise as an uninterrupted one.
-
-    A checkpoint saved mid-epoch (the run stopped at `max_steps` or on SIGTERM) gets the states of
-    the end of the last training batch, where the resumed run continues, not the states after the
-    epoch-end hooks that Lightning runs when `max_steps` stops an epoch early.
-    """
-
-    def __init__(self) -> None:
-        self._batch_end_states: dict | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._batch_end_states = _rng_states()
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        at_batch_end = self._batch_end_states is not None and _stopped_mid_epoch(trainer)
-        checkpoint["rng_states"] = self._batch_end_states if at_batch_end else _rng_states()
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        states = checkpoint.get("rng_states")
-        if not states:
-            return
-        random.setstate(states["python"])
-        kind, keys, pos, has_gauss, cached = states["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class ResumePointInCheckpoint(Callback):
-    """Makes the epoch counters of a checkpoint saved at a stop say where the run stopped.
-
-    When `max_steps` stops a run, Lightning runs the epoch-end hooks and may save `last.ckpt`
-    only after counting the epoch as processed or even completed (at `on_train_end`). Resumed
-    from such a checkpoint it would skip the rest of an interrupted epoch, or cut the next epoch
-    short. This rewrites the counters to the two states Lightning resumes exactly: mid-epoch
-    (epoch started, not processed, as a SIGTERM checkpoint has it; the train loader then
-    continues with the remaining batches) and at an epoch's end (processed, not completed).
-    """
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
-        if not progress:
-            return
-        mid_epoch = _stopped_mid_epoch(trainer)
-        for counts in (progress["current"], progress["total"]):
-            if mid_epoch:
-                counts["processed"] = counts["completed"] = counts["started"] - 1
-            elif counts["completed"] == counts["processed"] == counts["started"] > 0:
-                counts["completed"] = counts["processed"] - 1
-
-
-class SaveOnInterrupt(Callback):
-    """On Ctrl-C, SIGTERM (Lightning turns it into an exception) or a crash, writes a resumable
-    `last.ckpt` (atomically) before the run ends."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # Interrupts only: after a crash the state may be unusable, so last.ckpt is kept.
-        interrupted = isinstance(exception, (KeyboardInterrupt, SystemExit))
-        if not interrupted or trainer.global_step == 0:
-            return
-        trainer.save_checkpoint(str(self.path))
-        log.warning(
-            "%s: saved %s at step %d; continue with `python train.py --resume %s`",
-            type(exception).__name__,
-            self.path,
-            trainer.global_step,
-            self.path.parent.parent,
-        )
+    if (lightning.get("trainer") or {}).get("logger", True):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    user = _blocks(to_plain(lightning.get("callbacks")), "lightning.callbacks")
+    return callbacks + [_build(where, block) for where, block in user]
 
 
 def resolve_strategy(trainer_cfg: Any, model: pl.LightningModule) -> None:

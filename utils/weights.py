@@ -1,13 +1,11 @@
 """The pretrained files behind LPIPS (AlexNet, VGG16) and FID (pytorch-fid's InceptionV3).
 
 They live in ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub/checkpoints``). The builders
-raise ``MissingWeightsError`` saying which file to place where when a file is missing offline;
-``write_random_weights`` writes random stand-ins under the official names for offline tests.
+raise ``MissingWeightsError`` saying which file to place where when a file is missing offline.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,68 +115,3 @@ def build_inception(dims: int = 2048) -> nn.Module:
         raise ValueError(f"FID dims must be one of {known}, got {dims}")
     block = InceptionV3.BLOCK_INDEX_BY_DIM[dims]
     return _build("inception", lambda: InceptionV3([block])).eval()
-
-
-def _skeleton(name: str) -> nn.Module:
-    """The module whose state dict the official file holds (built on the meta device)."""
-    import torchvision
-
-    with torch.device("meta"):
-        if name == "alexnet":
-            return torchvision.models.alexnet()
-        if name == "vgg16":
-            return torchvision.models.vgg16()
-        # pytorch-fid's FID blocks subclass torchvision's and keep their parameter names.
-        return torchvision.models.inception_v3(
-            num_classes=1008, aux_logits=False, init_weights=False, weights=None
-        )
-
-
-def _random_tensors(module: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, t in module.named_parameters(recurse=False):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            out[key] = torch.ones(t.shape) if key == "weight" else torch.zeros(t.shape)
-        elif isinstance(module, nn.Linear):  # unused classifier heads: a broadcast 0 (tiny file)
-            out[key] = torch.zeros(()).expand(t.shape)
-        elif key == "weight":  # He init keeps activations O(1) through the trunk
-            out[key] = torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5
-        else:
-            out[key] = 0.01 * torch.randn(t.shape, generator=gen)
-    for key, t in module.named_buffers(recurse=False):
-        fill = torch.ones if key == "running_var" else torch.zeros
-        out[key] = fill(t.shape, dtype=t.dtype)
-    return out
-
-
-def write_random_weights(
-    torch_home: str | os.PathLike, names=("alexnet", "vgg16", "inception"), seed: int = 0
-) -> list[Path]:
-    """Write randomly initialised stand-ins for the official files (offline tests, smoke runs).
-
-    Each file holds a state dict with the official keys and shapes under the official name in
-    ``<torch_home>/hub/checkpoints/``, so the normal builders load it as if downloaded
-    (``TORCH_HOME`` must point at ``torch_home``). Convs get He-normal weights, BatchNorms are the
-    identity, and Linear layers (classifier heads LPIPS/FID never use) a broadcast zero to keep
-    the files small (VGG16 ~59 MB, InceptionV3 ~87 MB, AlexNet ~10 MB). Metrics computed with
-    them are meaningless; only use them to exercise code.
-
-    Args:
-        torch_home: folder used as ``$TORCH_HOME``.
-        names: keys of ``WEIGHTS``.
-        seed: seed of the random weights.
-
-    Returns:
-        The written paths.
-    """
-    folder = Path(torch_home) / "hub" / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    gen, paths = torch.Generator().manual_seed(seed), []
-    for name in names:
-        state = {}
-        for prefix, module in _skeleton(name).named_modules():
-            for key, t in _random_tensors(module, gen).items():
-                state[f"{prefix}.{key}" if prefix else key] = t
-        paths.append(folder / _entry(name).file_name)
-        torch.save(state, paths[-1])
-    return paths

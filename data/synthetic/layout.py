@@ -1,4 +1,4 @@
-"""Layout half of the procedural aerial scenes (`data.scenes`): road grid and blocks, the land
+"""Layout half of the procedural aerial scenes (`data.synthetic`): road grid and blocks, the land
 use of each block (houses on lots, flats, parking, parks, fields, forest, ponds), streets with
 markings and traffic, country roads and rivers.
 """
@@ -11,7 +11,7 @@ from functools import partial
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.scene_painter import (
+from data.synthetic.painter import (
     DRY,
     FLAT_ROOFS,
     GRASS,

@@ -1,6 +1,7 @@
-"""Test inputs of the evaluation protocol (ARCHITECTURE.md section 4): which images a dataset
-holds for a datatype and scale, their LR and output sizes, batches of equal-size images, and the
-LR/HR tensors. `utils.evaluation.evaluate` runs the methods and metrics on what this module loads.
+"""Test inputs of the evaluation protocol (docs/method.md, "Evaluation protocol"): which images
+a dataset holds for a datatype and scale, their output names, LR and output sizes, batches of
+equal-size images, and the LR/HR tensors. `evaluation.runner.evaluate` runs the methods and
+metrics on what this module loads.
 
 Datatypes: `hr-downsample` (LR = Pillow bicubic of the uint8 HR), `paired` (LR from `LR/X<s>`),
 `lr` (LR images only) and `hr-input` (the images themselves are the LR); the first two have HR.
@@ -11,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
-from data.prepare_split import flat_names
 from data.transforms import resize_bicubic
 from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
 
@@ -131,6 +132,50 @@ def input_folders(source: Source, datatype: str, scale: float) -> tuple[Path, Pa
     return folder, lr_dir if datatype == "paired" else None
 
 
+def output_names(files: Sequence[str], folder: Path) -> dict[str, str]:
+    """Output PNG name of each relative path: its stem, or, where stems collide (`x.jpg` and
+    `x.tif`, `a/x.png` and `b/x.png`; compared case-insensitively), the path with its extension
+    joined by "_" (`x_jpg.png`, `a_x_png.png`).
+
+    Raises:
+        EvaluationError: listing the files whose names still collide, before any work is done.
+    """
+    stems = Counter(PurePosixPath(f).stem.casefold() for f in files)
+    names = {}
+    for f in files:
+        path = PurePosixPath(f)
+        long = "_".join((*path.parent.parts, path.stem, path.suffix.lstrip(".").lower()))
+        names[f] = (path.stem if stems[path.stem.casefold()] == 1 else long) + ".png"
+    taken = Counter(n.casefold() for n in names.values())
+    clashes = sorted(f"{f} -> {n}" for f, n in names.items() if taken[n.casefold()] > 1)
+    if clashes:
+        raise EvaluationError(
+            f"{len(clashes)} images in {folder} would be written under the same name: "
+            f"{'; '.join(clashes[:10])}; rename or move them"
+        )
+    return names
+
+
+def check_inputs(source: Source, datatype: str, scales: Sequence[float]) -> int:
+    """Checks, from file names only, that `source` has images for every scale and that their
+    output names are unique; returns the number of input files of the first scale.
+
+    Raises:
+        EvaluationError: for a missing folder, an empty one, or clashing output names.
+    """
+    counts = []
+    for scale in scales:
+        folder, _ = input_folders(source, datatype, scale)
+        files = list_images(folder)
+        if not files:
+            raise EvaluationError(
+                f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
+            )
+        output_names(files, folder)
+        counts.append(len(files))
+    return counts[0] if counts else 0
+
+
 @dataclass(frozen=True)
 class Item:
     """One test image: output PNG name, input file(s), LR and output sizes `(h, w)` in pixels."""
@@ -183,7 +228,7 @@ def plan_items(
         )
     stem = lambda f: PurePosixPath(f).with_suffix("")  # noqa: E731 - paired files match by stem
     lr_files = {stem(f): lr_dir / f for f in list_images(lr_dir)} if lr_dir else {}
-    names, items, failed = flat_names(files), [], []
+    names, items, failed = output_names(files, folder), [], []
     for f in files:
         try:
             if lr_dir and stem(f) not in lr_files:
@@ -204,18 +249,31 @@ def make_batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
     return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def load_batch(batch: Sequence[Item], datatype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode a batch of equal-size items (`make_batches`).
+def load_batch(
+    batch: Sequence[Item], datatype: str
+) -> tuple[list[Item], torch.Tensor | None, torch.Tensor | None, list[tuple[Item, str]]]:
+    """Decode a batch of equal-size items (`make_batches`); an image that fails to decode (e.g.
+    a truncated JPEG, whose header `plan_items` accepted) is left out, not raised.
 
     Returns:
-        LR [B, 3, h, w] and HR [B, 3, H, W] (None for lr, hr-input), float in [0, 1], on the CPU.
+        `(items, lr, hr, failed)`: the decoded items, LR [B, 3, h, w] and HR [B, 3, H, W] (None
+        for lr, hr-input; both None when no item decoded), float in [0, 1] on the CPU, and
+        `(item, reason)` for each image left out.
     """
-    lrs, hrs = [], []
+    items, lrs, hrs, failed = [], [], [], []
     for item in batch:
-        img = load_image(item.path)
-        if datatype == "hr-downsample":  # Pillow bicubic of the uint8 HR (section 1)
-            lrs.append(to_tensor01(resize_bicubic(img, item.lr_hw)))
-        else:
-            lrs.append(to_tensor01(load_image(item.lr_path) if datatype == "paired" else img))
+        try:
+            img = load_image(item.path)
+            if datatype == "hr-downsample":  # Pillow bicubic of the uint8 HR (section 1)
+                lr = to_tensor01(resize_bicubic(img, item.lr_hw))
+            else:
+                lr = to_tensor01(load_image(item.lr_path) if datatype == "paired" else img)
+        except ImageReadError as err:
+            log.warning("image skipped: %s", err)
+            failed.append((item, str(err)))
+            continue
+        items.append(item)
+        lrs.append(lr)
         hrs += [to_tensor01(img)] if datatype in REFERENCE_DATATYPES else []
-    return torch.stack(lrs), torch.stack(hrs) if hrs else None
+    lr = torch.stack(lrs) if lrs else None
+    return items, lr, torch.stack(hrs) if hrs else None, failed

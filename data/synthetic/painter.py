@@ -1,7 +1,7 @@
-"""Drawing half of the procedural aerial scenes (`data.scenes`): palettes, canvas primitives,
+"""Drawing half of the procedural aerial scenes (`data.synthetic`): palettes, canvas primitives,
 ground textures (grass, fields, water, forest floor), trees, cars, roofs, and the shadow/grain pass.
 
-`SceneLayout` (`data/scene_layout.py`) decides where things go and calls these painters.
+`SceneLayout` (`data/synthetic/layout.py`) decides where things go and calls these painters.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ PNG and JPEG (`read_scene`, `write_scene`): the model sees RGB in [0, 1] as
 
 A PNG/JPEG with a world file (georeferencing) is refused: convert it to GeoTIFF.
 
-TIFF and GeoTIFF (`super_resolve_raster`, any band count and dtype, see `utils.raster` for the
+TIFF and GeoTIFF (`super_resolve_raster`, any band count and dtype, see `data.raster` for the
 bands, radiometry, nodata and georeferencing): the scene is cut into blocks of `block` LR pixels
 that read `overlap` more pixels on each side; each block is super-resolved on its own by `sr_fn`
 (within a block the model's own tiling applies) and neighbouring blocks are cross-faded
@@ -44,8 +44,7 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
-from utils.raster import (
+from data.raster import (
     RasterWriteError,
     Span,
     Stretch,
@@ -59,6 +58,7 @@ from utils.raster import (
     scene_stretch,
     to_dtype,
 )
+from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
 
 log = logging.getLogger(__name__)
 TIFF = (".tif", ".tiff")
@@ -218,7 +218,7 @@ def super_resolve_raster(
         dst_path: output .tif (a GeoTIFF keeps its georeferencing only as TIFF).
         sr_fn: `sr_fn(lr, out_size)`: lr [1, 3, h, w] in [0, 1] -> [1, 3, *out_size] in [0, 1].
         out_size: (H, W) of the output scene.
-        bands: 1-based bands fed as R, G, B (`utils.raster.parse_bands`); None = 1, 2, 3.
+        bands: 1-based bands fed as R, G, B (`data.raster.parse_bands`); None = 1, 2, 3.
         value_range: (min, max) of the radiometric stretch; None = per-scene 2-98 % percentiles
             (identity for 8 bit).
         cog: write a Cloud-Optimized GeoTIFF with overviews.

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data.datasets import seeded_split
-from data.prepare_split import flat_names
+from data.datasets import flat_names, seeded_split
 from data.transforms import lr_size, resize_bicubic
 from utils.image_io import list_images, load_image, to_tensor01
 from utils.metrics import crop_border_for, psnr

@@ -1,14 +1,13 @@
-"""Evaluation loop of the paper protocol (ARCHITECTURE.md section 4), shared by test.py and demo.py.
+"""Evaluation loop of the paper protocol (docs/method.md, "Evaluation protocol"), shared by
+test.py and demo.py.
 
-`evaluate` runs every method on the batches `data.test_pairs` plans for one dataset at several
+`evaluate` runs every method on the batches `evaluation.pairs` plans for one dataset at several
 scales, under `torch.inference_mode()`, scores them with `utils.metrics` (FID: HR statistics once
-per scale) and writes PNGs and a per-image CSV; `write_summary` writes `summary.csv/.json/.md`.
+per scale) and writes PNGs and a per-image CSV (`evaluation.tables`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import shutil
@@ -24,9 +23,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from data import test_pairs
-from data.test_pairs import EvaluationError, Item, Source, parse_datatype, parse_scales
 from data.transforms import resize_bicubic
+from evaluation import pairs
+from evaluation.pairs import EvaluationError, Item, Source, parse_datatype, parse_scales
+from evaluation.tables import IMAGE_COLUMNS, memory_kind, write_csv
 from utils.image_io import to_tensor01
 from utils.metrics import (
     crop_border_for,
@@ -47,24 +47,6 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 METRICS = ("psnr", "ssim", "lpips", "fid")
-SUMMARY_COLUMNS = (
-    "method", "dataset", "scale", "psnr", "ssim", "lpips", "fid", "runtime_s_per_image",
-    "peak_memory_mib", "memory", "images", "failed", "datatype",
-)  # fmt: skip
-IMAGE_COLUMNS = (
-    "method", "file", "scale", "lr_height", "lr_width", "out_height", "out_width", "psnr", "ssim",
-    "lpips", "runtime_s", "status",
-)  # fmt: skip
-_MARKDOWN = (
-    ("Method", "method", "{}"), ("Dataset", "dataset", "{}"), ("Scale", "scale", "{:g}"),
-    ("PSNR", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.4f}"), ("LPIPS", "lpips", "{:.4f}"),
-    ("FID", "fid", "{:.2f}"), ("Runtime (s/img)", "runtime_s_per_image", "{:.3f}"),
-    ("Peak mem (MiB)", "peak_memory_mib", "{:.0f}"), ("Images", "images", "{}"),
-)  # fmt: skip
-_MEMORY_NOTES = {
-    "cuda_max_allocated": "torch.cuda.max_memory_allocated during the call",
-    "process_peak_rss": "peak resident memory of the whole process so far (CPU run)",
-}
 
 
 def _to_pil(x01: torch.Tensor) -> Image.Image:
@@ -133,6 +115,24 @@ class Metrics:
     fid_dims: int = 2048
 
 
+def parse_metrics(requested=None, reference: bool = True) -> list[str]:
+    """Metric names from `--metrics` (None: all four; a list or comma string; "none": none),
+    checked without loading anything.
+
+    Raises:
+        EvaluationError: for an unknown name, or named metrics on a datatype without HR images.
+    """
+    explicit = requested is not None
+    if isinstance(requested, str):
+        requested = [] if requested.strip().lower() == "none" else requested.split(",")
+    names = [n.strip().lower() for n in (METRICS if requested is None else requested) if n.strip()]
+    if unknown := sorted(set(names) - set(METRICS)):
+        raise EvaluationError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    if not reference and explicit and names:
+        raise EvaluationError(f"metrics {names} need HR images, which this datatype lacks")
+    return names
+
+
 def load_metrics(requested=None, reference: bool = True, device="cpu", fid_dims: int = 2048):
     """Builds the metric networks before any SR work; returns `Metrics`.
 
@@ -141,15 +141,8 @@ def load_metrics(requested=None, reference: bool = True, device="cpu", fid_dims:
     skipped with a warning naming the file and where to place it; a requested one raises
     `MissingWeightsError`. `reference`: the datatype has HR images (else no metric applies).
     """
-    explicit = requested is not None
-    if isinstance(requested, str):
-        requested = [] if requested.strip().lower() == "none" else requested.split(",")
-    names = [n.strip().lower() for n in (METRICS if requested is None else requested) if n.strip()]
-    if unknown := sorted(set(names) - set(METRICS)):
-        raise EvaluationError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    explicit, names = requested is not None, parse_metrics(requested, reference)
     if not reference:
-        if explicit and names:
-            raise EvaluationError(f"metrics {names} need HR images, which this datatype lacks")
         return Metrics()
     nets = {}
     builders = {"lpips": partial(build_lpips, "alex"), "fid": partial(build_inception, fid_dims)}
@@ -182,11 +175,6 @@ def score_batch(sr, hr, scale: float, metrics: Metrics, test_y: bool, files) -> 
         for row, value in zip(rows, values):
             row[name] = value
     return rows
-
-
-def memory_kind(device: torch.device) -> str:
-    """What the peak memory column measures on `device` (see `_MEMORY_NOTES`)."""
-    return "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
 
 
 def _timed(method: Method, lr, hr, out_size, generator, device: torch.device):
@@ -226,12 +214,21 @@ class _Run:
     min_side: int
 
 
-def _run_batches(items, scale: float, dirs: dict, run: _Run) -> tuple[list[dict], dict]:
-    """Every batch through every method -> per-image rows, {method: [seconds, peak MiB]}."""
-    rows, totals = [], {m.name: [0.0, 0.0] for m in run.methods}
-    batches = test_pairs.make_batches(items, run.batch_size)
+def failed_row(name: str, scale: float, reason: str) -> dict:
+    """The per_image.csv row of an image that could not be evaluated, with the reason."""
+    return {"file": name, "scale": scale, "status": f"failed: {reason}"}
+
+
+def _run_batches(items, scale: float, dirs: dict, run: _Run) -> tuple[list[dict], dict, list]:
+    """Every batch through every method -> per-image rows, {method: [seconds, peak MiB]}, and
+    the rows of images that failed to decode (left out, the run goes on)."""
+    rows, totals, failed = [], {m.name: [0.0, 0.0] for m in run.methods}, []
+    batches = pairs.make_batches(items, run.batch_size)
     for index, batch in enumerate(tqdm(batches, desc=f"x{scale:g}", unit="batch", leave=False)):
-        lr, hr = test_pairs.load_batch(batch, run.datatype)
+        batch, lr, hr, bad = pairs.load_batch(batch, run.datatype)
+        failed += [failed_row(item.name, scale, reason) for item, reason in bad]
+        if not batch:
+            continue
         _save(hr, batch, dirs["hr"])
         inputs = (lr.to(run.device), hr.to(run.device) if hr is not None else None, batch[0].out_hw)
         for method in run.methods:
@@ -245,7 +242,7 @@ def _run_batches(items, scale: float, dirs: dict, run: _Run) -> tuple[list[dict]
                 row = dict(zip(IMAGE_COLUMNS, (method.name, item.name, scale, *item.lr_hw)))
                 row.update(out_height=item.out_hw[0], out_width=item.out_hw[1], **score)
                 rows.append({**row, "runtime_s": seconds / len(batch), "status": "ok"})
-    return rows, totals
+    return rows, totals, failed
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -285,15 +282,17 @@ def _evaluate_scale(source: Source, scale: float, out_dir: Path, run: _Run, over
             raise EvaluationError(f"{scale_dir} holds earlier results; pass --overwrite")
         log.info("--overwrite: replacing %s", scale_dir)
         shutil.rmtree(scale_dir)
-    items, failed = test_pairs.plan_items(source, run.datatype, scale, run.min_side)
-    fid = "fid" in run.metrics.names and run.datatype in test_pairs.REFERENCE_DATATYPES
+    items, failed = pairs.plan_items(source, run.datatype, scale, run.min_side)
+    fid = "fid" in run.metrics.names and run.datatype in pairs.REFERENCE_DATATYPES
     dirs = {"hr": scale_dir / "hr" if fid else None}  # FID reads folders; removed afterwards
     for m in run.methods:
         dirs[m.name] = scale_dir / m.folder if run.save_images or fid else None
     for folder in (d for d in dirs.values() if d is not None):
         folder.mkdir(parents=True)
     with torch.inference_mode():
-        rows, totals = _run_batches(items, scale, dirs, run)
+        rows, totals, unreadable = _run_batches(items, scale, dirs, run)
+    failed += unreadable
+    items = [i for i in items if i.name not in {r["file"] for r in unreadable}]
     summary, score_fid = [], _fid_scorer(dirs["hr"], items, run)
     for method in run.methods:
         mine, (seconds, peak) = [r for r in rows if r["method"] == method.name], totals[method.name]
@@ -342,12 +341,12 @@ def evaluate(
     (`max_memory` GB, `tile`, `tile_overlap`) is passed to `super_resolve` / `reconstruct`,
     which tile scenes whose untiled run would exceed the memory budget.
     """
-    source = images if isinstance(images, Source) else test_pairs.source_from_folder(images)
+    source = images if isinstance(images, Source) else pairs.source_from_folder(images)
     datatype = parse_datatype(datatype)
-    if not hasattr(model, "super_resolve") and datatype not in test_pairs.REFERENCE_DATATYPES:
+    if not hasattr(model, "super_resolve") and datatype not in pairs.REFERENCE_DATATYPES:
         raise EvaluationError("stage-1 reconstructions need HR: use hr-downsample or paired data")
     if metrics is None:
-        metrics = Metrics(("psnr", "ssim") if datatype in test_pairs.REFERENCE_DATATYPES else ())
+        metrics = Metrics(("psnr", "ssim") if datatype in pairs.REFERENCE_DATATYPES else ())
     methods, device = build_methods(model, sr_kd, bicubic, tiling), next(model.parameters()).device
     options = (datatype, seed, batch_size, test_y, save_images, device, min_output_side(model))
     run = _Run(methods, metrics, *options)
@@ -357,48 +356,21 @@ def evaluate(
     return rows
 
 
-def prepare_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Creates the run folder; refuses a non-empty one unless `overwrite`."""
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuses a run folder that is a file, or non-empty unless `overwrite`; creates nothing."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"output folder {out} is a file; choose another --out-dir")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise EvaluationError(
             f"output folder {out} exists and is not empty (earlier results?); pass --overwrite "
             "to replace the results this run writes, or choose another --out-dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def _plain(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    """Rows as CSV with `columns` (missing values empty)."""
-    with Path(path).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: _plain(r.get(k)) for k in columns} for r in rows)
-
-
-def markdown_table(rows: Sequence[dict]) -> str:
-    """Method | Dataset | Scale | PSNR | SSIM | LPIPS | FID | runtime | peak memory | images."""
-    cell = lambda v, fmt: "-" if _plain(v) is None else fmt.format(v)  # noqa: E731
-    lines = ["| " + " | ".join(title for title, _, _ in _MARKDOWN) + " |"]
-    lines.append("|" + "|".join("---" for _ in _MARKDOWN) + "|")
-    lines += ["| " + " | ".join(cell(r.get(k), f) for _, k, f in _MARKDOWN) + " |" for r in rows]
-    notes = "; ".join(_MEMORY_NOTES[k] for k in sorted({r.get("memory") for r in rows} - {None}))
-    return "\n".join(lines) + (f"\n\nPeak memory: {notes}.\n" if notes else "\n")
-
-
-def write_summary(rows: Sequence[dict], out_dir: str | Path, settings: dict | None = None) -> str:
-    """Writes `summary.csv`, `summary.json` (`{"settings", "rows"}`) and `summary.md`; returns
-    the Markdown table."""
-    out = Path(out_dir)
+def prepare_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Creates the run folder after `check_out_dir`."""
+    out = check_out_dir(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "summary.csv", SUMMARY_COLUMNS, rows)
-    plain = [{k: _plain(r.get(k)) for k in SUMMARY_COLUMNS} for r in rows]
-    text = json.dumps({"settings": settings or {}, "rows": plain}, indent=2, default=str)
-    (out / "summary.json").write_text(text + "\n")
-    (out / "summary.md").write_text(table := markdown_table(rows))
-    return table
+    return out
