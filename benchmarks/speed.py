@@ -14,13 +14,14 @@ LR = int(600 / s), output 600x600, seed 0, run on the same machine in one proces
                     reconstruction and the condition, "sr_kd");
   reference         that plain forward alone;
   ours              the public API `LDCSR.super_resolve` (the modules' inference-mode branches:
-                    inference_mode, in-place activations, a channels-last decoder, the
-                    upsampler's fusion MLP as matrix products, the 8x level folded at x2 and
-                    x4; untiled at this size under the default memory budget).
+                    inference_mode, in-place activations, a channels-last decoder whose 1x1
+                    convolutions, channel statistics and upsampler fusion MLP run on rows of
+                    pixels, the 8x level folded at x2 and x4, freed memory kept in the heap
+                    (glibc); untiled at this size under the default memory budget).
 
 Printed: seconds per image (median of --repeats; the methods alternate within each repeat, after
-a warm-up on a 4x smaller image), peak memory during the call (CUDA: max allocated; CPU: peak RSS
-sampled every millisecond, and its rise over the RSS before the call), speed-ups,
+a warm-up on a 4x smaller image), peak memory during the call (CUDA: max allocated; CPU: the
+kernel's peak-RSS mark, reset before the call, and its rise over the RSS before it), speed-ups,
 max |ours - reference| on the [0, 1] output, model FLOPs (`torch.utils.flop_counter.FlopCounterMode`
 on meta tensors) and the achieved fraction of this machine's fp32 matrix-multiply rate (a 4096^3
 `torch.mm`, timed in every repeat, median). The load average is printed too: the numbers are
@@ -68,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class PeakMemory:
-    """Peak memory during a block: CUDA max allocated, or the process RSS sampled every 1 ms."""
+    """Peak memory during a block: CUDA max allocated, or the process's peak RSS.
+
+    On Linux the kernel's high-water mark (VmHWM) is reset on entry (`/proc/self/clear_refs`)
+    and read on exit; where that is not possible the RSS is sampled every 1 ms by a thread (which
+    costs the timed code a little).
+    """
 
     def __init__(self, device: torch.device):
         self.device, self.peak, self.base = device, 0, 0
@@ -78,6 +84,21 @@ class PeakMemory:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    @staticmethod
+    def reset_high_water_mark() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def high_water_mark() -> int:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -85,9 +106,11 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             return self
         self.base = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not self.reset_high_water_mark():
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -98,6 +121,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            self.peak = max(self.peak, self.high_water_mark())
         else:
             self._stop.set()
             self._thread.join()

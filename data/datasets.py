@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import pickle
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -104,19 +105,29 @@ def read_split_file(split_file: str | Path, split: str | None) -> list[str]:
     return splits[split]
 
 
-def flat_names(files: list[str]) -> dict[str, str]:
-    """Output PNG name of each relative path: the base name, or the whole path joined by "_"
-    when base names collide (compared case-insensitively, for case-insensitive file systems)."""
+def flat_names(files: Sequence[str], keep_extension: bool = False) -> dict[str, str]:
+    """Output PNG name of each relative path: its stem, or, where stems collide (compared
+    case-insensitively, for case-insensitive file systems), the whole path joined by "_"
+    (`a/x.png` -> `a_x.png`); with `keep_extension` the extension is joined too, so that `x.jpg`
+    and `x.tif` of one folder become `x_jpg.png` and `x_tif.png`.
+
+    Raises:
+        ValueError: naming the files whose output names still collide.
+    """
     stems = Counter(PurePosixPath(f).stem.casefold() for f in files)
     names = {}
     for f in files:
         path = PurePosixPath(f)
-        unique = stems[path.stem.casefold()] == 1
-        names[f] = (path.stem if unique else "_".join(path.with_suffix("").parts)) + ".png"
-    clashes = Counter(n.casefold() for n in names.values())
-    if any(count > 1 for count in clashes.values()):
-        bad = sorted(n for n, count in clashes.items() if count > 1)[:5]
-        raise ValueError(f"cannot give unique file names to the split's images, e.g. {bad}")
+        extension = [path.suffix.lstrip(".").lower()] if keep_extension else []
+        long = "_".join((*path.parent.parts, path.stem, *extension))
+        names[f] = (path.stem if stems[path.stem.casefold()] == 1 else long) + ".png"
+    taken = Counter(n.casefold() for n in names.values())
+    clashes = sorted(f"{f} -> {n}" for f, n in names.items() if taken[n.casefold()] > 1)
+    if clashes:
+        raise ValueError(
+            f"{len(clashes)} images would be written under the same name: "
+            f"{'; '.join(clashes[:10])}; rename or move them"
+        )
     return names
 
 

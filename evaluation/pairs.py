@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
+from data.datasets import flat_names
 from data.transforms import resize_bicubic
 from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
 
@@ -133,27 +133,17 @@ def input_folders(source: Source, datatype: str, scale: float) -> tuple[Path, Pa
 
 
 def output_names(files: Sequence[str], folder: Path) -> dict[str, str]:
-    """Output PNG name of each relative path: its stem, or, where stems collide (`x.jpg` and
-    `x.tif`, `a/x.png` and `b/x.png`; compared case-insensitively), the path with its extension
-    joined by "_" (`x_jpg.png`, `a_x_png.png`).
+    """`data.datasets.flat_names` with extensions kept (`x.jpg`, `x.tif` -> `x_jpg.png`,
+    `x_tif.png`).
 
     Raises:
-        EvaluationError: listing the files whose names still collide, before any work is done.
+        EvaluationError: listing the files of `folder` whose names still collide, before any
+            work is done.
     """
-    stems = Counter(PurePosixPath(f).stem.casefold() for f in files)
-    names = {}
-    for f in files:
-        path = PurePosixPath(f)
-        long = "_".join((*path.parent.parts, path.stem, path.suffix.lstrip(".").lower()))
-        names[f] = (path.stem if stems[path.stem.casefold()] == 1 else long) + ".png"
-    taken = Counter(n.casefold() for n in names.values())
-    clashes = sorted(f"{f} -> {n}" for f, n in names.items() if taken[n.casefold()] > 1)
-    if clashes:
-        raise EvaluationError(
-            f"{len(clashes)} images in {folder} would be written under the same name: "
-            f"{'; '.join(clashes[:10])}; rename or move them"
-        )
-    return names
+    try:
+        return flat_names(files, keep_extension=True)
+    except ValueError as err:
+        raise EvaluationError(f"in {folder}: {err}") from None
 
 
 def check_inputs(source: Source, datatype: str, scales: Sequence[float]) -> int:

@@ -38,6 +38,41 @@ def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """1x1 convolution of x [B, C, H, W] with weight [O, C, 1, 1] (may be a slice of a larger
+    weight). Outside autograd a channels-last x runs as one matrix product on its rows of pixels:
+    PyTorch sends a single-threaded 1x1 convolution of a small batch to a kernel that copies to
+    NCHW and back, ~40% slower. Returns [B, O, H, W] (channels-last in that case)."""
+    if not (lean() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return F.conv2d(x, like(weight, x), bias)
+    b, c, h, w = x.shape
+    rows, matrix = x.permute(0, 2, 3, 1).reshape(-1, c), weight.flatten(1).t()
+    out = rows @ matrix  # + bias in place: addmm's broadcast copy of the bias is slower
+    if bias is not None:
+        out.add_(bias)
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and population variance over H, W of x [B, C, H, W]: [B, C, 1, 1] each.
+
+    A channels-last x is reduced as rows of pixels in two passes (mean, then mean of squared
+    deviations, as IMDN's `stdv_channels`): ~3x faster on CPU than `var_mean` on that layout.
+    """
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H*W, C], a view
+        mean = rows.mean(1, keepdim=True)  # [B, 1, C]
+        dev = rows - mean
+        var = (dev.mul_(dev) if lean() else dev * dev).mean(1)  # [B, C]
+        return mean[:, 0, :, None, None], var[:, :, None, None]
+    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+    return mean, var
+
+
 class ResnetBlock(nn.Module):
     """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, plus a (1x1) shortcut.
 
@@ -98,7 +133,7 @@ class ContrastChannelAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)  # [B, C, 1, 1]
+        mean, var = channel_moments(x)
         return self.reweight(x, mean, var)
 
     def reweight(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -131,7 +166,7 @@ class IMDModule(nn.Module):
         d2, r = torch.split(self.act(self.c2(like(r, x))), split, dim=1)
         d3, r = torch.split(self.act(self.c3(like(r, x))), split, dim=1)
         out = torch.cat([d1, d2, d3, self.c4(like(r, x))], dim=1)  # [B, 4d, h, w]
-        return self.c5(self.cca(out)) + x
+        return pointwise(self.cca(out), self.c5.weight, self.c5.bias) + x
 
 
 class FRU(nn.Module):
@@ -159,8 +194,8 @@ class FRU(nn.Module):
         fused, h = None, x
         for j, block in enumerate(self.IMDB):
             h = block(h)  # [B, nf, h, w]
-            weight = like(fusion.weight[:, j * nf : (j + 1) * nf], h)  # block j of the 1x1 conv
-            part = F.conv2d(h, weight, fusion.bias if j == 0 else None)
+            weight = fusion.weight[:, j * nf : (j + 1) * nf]  # block j of the 1x1 conv
+            part = pointwise(h, weight, fusion.bias if j == 0 else None)
             fused = part if fused is None else fused.add_(part)
         return self.LR_conv(self.c[1](fused)) + x
 

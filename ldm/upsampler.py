@@ -21,6 +21,8 @@ def resize_to(out_size: Sequence[int]):
     """`resize(feat, mode, factor)` onto the whole output grid (the untiled case of `window`)."""
 
     def resize(feat: torch.Tensor, mode: str, factor: int = 1) -> torch.Tensor:
+        if tuple(feat.shape[-2:]) == tuple(out_size):  # bilinear/nearest 1:1 is the identity
+            return feat
         corners = None if mode == "nearest" else False
         return F.interpolate(feat, size=tuple(out_size), mode=mode, align_corners=corners)
 

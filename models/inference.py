@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -319,14 +320,54 @@ class SceneTiler:
             self._bar = None
 
 
+# glibc mallopt parameters (malloc.h) and their defaults.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@functools.cache
+def glibc_library():
+    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+@contextlib.contextmanager
+def retained_heap(device: torch.device):
+    """Keep freed CPU memory in the process's heap for reuse during the block (glibc only; used
+    for untiled runs).
+
+    By default glibc maps every large block (a full-size activation) fresh from the OS and
+    unmaps it on free, so each new activation pays a page fault per 4 KiB on first touch: about
+    2 s of a 12 s x4 600x600 run on one thread (measured). Inside the block large
+    blocks come from the heap and freed memory is not trimmed; on exit it is returned to the OS
+    (`malloc_trim`), and the trim threshold and mmap limit are set back to glibc's defaults (their
+    dynamic adjustment stays off). No effect on CUDA tensors' memory or on other C libraries.
+    """
+    libc = glibc_library() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.malloc_trim(0)
+
+
 def release_memory() -> None:
     """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere), so that the
     resident size of a long tiled run follows what is alive rather than its fragmented high-water
     marks."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    libc = glibc_library()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def run_tiled(
@@ -360,6 +401,9 @@ def run_tiled(
         tile = choose_tile(peak_bytes, max_memory, scale, tile_overlap)
     check_tile(tile, tile_overlap)
     with autocast(precision, like), torch.inference_mode():
-        if tile == 0:
-            return untiled().float()
+        if tile == 0:  # fits the budget: reuse freed memory rather than map it afresh
+            with retained_heap(like.device):
+                return untiled().float()
+        # Tiles return freed memory to the OS between them (`release_memory`): a heap kept
+        # across a large scene's stages fragments (peak RSS 3.2 -> 4.0 GB, measured).
         return tiled(SceneTiler(tile, tile_overlap, progress=progress)).float()

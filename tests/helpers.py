@@ -3,6 +3,7 @@ training's effect on zero-initialised convs. Never imported by library code."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,3 +95,15 @@ def write_random_weights(
         paths.append(folder / WEIGHTS[name].file_name)
         torch.save(state, paths[-1])
     return paths
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def official_keys(stage: str, prefix: str = "") -> dict[str, list[int]]:
+    """The authors' state-dict names and shapes for the paper config of `stage` ("first_stage" or
+    "second_stage"; tests/fixtures/official_keys_<stage>.tsv), restricted to names starting with
+    `prefix`, which is removed."""
+    rows = (FIXTURES / f"official_keys_{stage}.tsv").read_text().splitlines()
+    pairs = (row.split("\t") for row in rows)
+    return {k[len(prefix) :]: json.loads(v) for k, v in pairs if k.startswith(prefix)}

@@ -23,6 +23,7 @@ from data.datasets import (
     FixedScaleDataset,
     ImageFolder,
     MultiScaleTrainDataset,
+    flat_names,
     load_split_pickle,
     seeded_split,
 )
@@ -486,3 +487,21 @@ def test_paper_configs_validate_on_the_authors_two_images(tmp_path, config, fold
     val = dm.datasets["validation"]
     assert [str(f) for f in val.images.files] == [f"{folder}0.png", f"{folder}1.png"]
     assert val.scale == 4.0
+
+
+def test_flat_names_join_colliding_paths_and_refuse_what_still_collides():
+    files = ["a/x.png", "b/x.png", "y.jpg", "c/Z.tif", "d/z.png"]
+    assert flat_names(files) == {
+        "a/x.png": "a_x.png",
+        "b/x.png": "b_x.png",
+        "y.jpg": "y.png",
+        "c/Z.tif": "c_Z.png",
+        "d/z.png": "d_z.png",
+    }
+    same_folder = ["x.jpg", "x.tif"]
+    assert flat_names(same_folder, keep_extension=True) == {
+        "x.jpg": "x_jpg.png",
+        "x.tif": "x_tif.png",
+    }
+    with pytest.raises(ValueError, match="2 images would be written under the same name: x.jpg"):
+        flat_names(same_folder)  # both would be x.png

@@ -1,15 +1,12 @@
 """Tests of ldm/ema.py: the authors' ``model_ema.*`` key names, the update rule, swap/restore."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from ldm.ema import LitEma
 from ldm.unet import UNetModel
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from tests.helpers import official_keys
 
 
 class Wrapper(nn.Module):
@@ -20,19 +17,8 @@ class Wrapper(nn.Module):
         self.diffusion_model = unet
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not found: the shared reference folder (../shared) is absent")
-    return path
-
-
 def test_names_match_official_keys():
-    tsv = _need(SHARED / "official_keys_second_stage.tsv")
-    official = {
-        line.split("\t")[0][len("model_ema.") :]
-        for line in tsv.read_text().splitlines()
-        if line.startswith("model_ema.")
-    }
+    official = set(official_keys("second_stage", "model_ema."))
     unet = UNetModel(64, 8, 64, 4, 2, [8], channel_mult=[1, 2, 2, 4], num_head_channels=32)
     assert set(LitEma(Wrapper(unet)).state_dict()) == official
     assert "diffusion_modeltime_embed0weight" in official

@@ -7,14 +7,10 @@ import torch
 from omegaconf import OmegaConf
 
 from models import load_first_stage_model, load_sr_model
-from tests.conftest import ROOT, shared_path, tiny_config
+from tests.conftest import ROOT, tiny_config
+from tests.helpers import official_keys
 from utils.checkpoint import read_checkpoint, read_state_dict
 from utils.config import ConfigError, instantiate_from_config, translate_authors_config
-
-
-def _official(name: str) -> dict[str, list[int]]:
-    rows = shared_path("reference", name).read_text().splitlines()
-    return {k: eval(v) for k, v in (row.split("\t") for row in rows)}  # noqa: S307 - "[64, 6, 3, 3]"
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -30,7 +26,7 @@ def _paper(name: str, *overrides: str):
 def test_paper_stage1_state_dict_is_the_authors():
     config = _paper("first_stage_kl_v6.yaml", "model.params.lossconfig=null")
     model = instantiate_from_config(config.model)
-    assert _shapes(model) == _official("official_keys_first_stage.tsv")
+    assert _shapes(model) == official_keys("first_stage")
     n_params = sum(p.numel() for p in model.parameters())
     assert abs(n_params / 1e6 - 12.89) < 0.01
 
@@ -38,7 +34,7 @@ def test_paper_stage1_state_dict_is_the_authors():
 def test_paper_stage2_state_dict_is_the_authors():
     config = _paper("second_stage_van_v4.yaml")
     model = instantiate_from_config(config.model)  # ckpt_path ??? is fine to build
-    assert _shapes(model) == _official("official_keys_second_stage.tsv")
+    assert _shapes(model) == official_keys("second_stage")
 
 
 def test_stage1_block_of_stage2_config_matches_stage1_config():

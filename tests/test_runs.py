@@ -189,7 +189,7 @@ def test_test_py_checks_arguments_before_loading_weights(
         match = "output folder .* is a file"
     elif problem == "clashing_names":
         Image.new("RGB", (32, 32)).save(images / "x.JPG")
-        match = "2 images in .* would be written under the same name: x.JPG -> x_jpg.png"
+        match = "in .*: 2 images would be written under the same name: x.JPG -> x_jpg.png"
     else:
         extra, match = (
             ["--config", str(tmp_path / "none.yaml")],

@@ -4,17 +4,21 @@ seamless tiles on holdout images."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.blocks import ContrastChannelAttention
+from ldm.blocks import ContrastChannelAttention, channel_moments, pointwise
 from ldm.upsampler import ScaleAwareUpsampler
-from models.inference import Geometry, SceneTiler
+from models.inference import Geometry, SceneTiler, glibc_library
 from models.scene_stats import SceneStatistics
 from models.tiling import axis_map, axis_weights, resize_window, split_axis, tile_grid
-from tests.conftest import shared_path, tiny_config
+from tests.conftest import ROOT, shared_path, tiny_config
 from utils.config import instantiate_from_config
 from utils.image_io import load_image, to_tensor01
 
@@ -174,9 +178,12 @@ def test_inference_branches_of_the_modules_equal_their_autograd_branches(model):
     """ResnetBlock / encoder / FRU / upsampler: the lean inference code = the training code."""
     dec = model.first_stage_model.decoder
     x, image = torch.randn(2, 32, 12, 14), torch.randn(2, 3, 40, 48)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # as `GAPDecoder.sr_branch` runs it
     nets = [
         (model.cond_stage_model, (image,)),
         (dec.FRUList[0], (x,)),
+        (dec.FRUList[0], (x_cl,)),
+        (dec.upsampler, (x_cl, (48, 56))),
         (dec.upsampler, (x, (37, 45))),  # no fold
         (dec.upsampler, (x, (48, 56))),  # x4: 8x level folded
         (dec.upsampler, (x, (24, 28))),  # x2: 8x level folded
@@ -194,6 +201,62 @@ def test_inference_branches_of_the_modules_equal_their_autograd_branches(model):
             pooled = F.interpolate(up(x), size=size, mode="bilinear", align_corners=False)
             folded = ScaleAwareUpsampler.shuffle_resample(up[0], x, factor)
             assert (folded - pooled).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_moments_and_pointwise_equal_the_plain_ops(channels_last):
+    x = torch.randn(2, 32, 9, 11) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(16, 48, 1, 1), torch.randn(16)
+    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            m, v = channel_moments(x)
+            assert m.shape == v.shape == (2, 32, 1, 1)
+            assert (m - mean).abs().max() < 1e-5 and (v - var).abs().max() < 1e-4
+            for b in (bias, None):
+                out = pointwise(x, weight[:, 8:40], b)  # a slice of a larger 1x1 weight
+                assert (out - F.conv2d(x, weight[:, 8:40], b)).abs().max() < 1e-5
+                assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+RETAINED_HEAP_CHECK = """
+import torch
+from models.inference import retained_heap
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+base = rss()
+with retained_heap(torch.device("cpu")):
+    block = torch.ones(1 << 26)  # 256 MiB, touched
+    del block
+    kept = rss() - base  # freed, but still resident for reuse
+    again = torch.ones(3 << 24)  # 192 MiB
+    del again
+    reused = rss() - base  # the second block reused the first one's pages
+returned = rss() - base
+print(kept >> 20, reused >> 20, returned >> 20)
+"""
+
+
+def test_retained_heap_keeps_freed_memory_for_reuse_and_returns_it_on_exit():
+    """In a fresh process: inside the block a freed 256 MiB activation stays resident and the next
+    (smaller) one reuses its pages; on exit the memory goes back to the OS."""
+    if glibc_library() is None or not Path("/proc/self/statm").exists():
+        pytest.skip("needs glibc and /proc (Linux)")
+    out = subprocess.run(
+        [sys.executable, "-c", RETAINED_HEAP_CHECK],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    kept, reused, returned = map(int, out.split())
+    assert kept >= 250 and reused < kept + 16, (kept, reused)
+    assert returned < 32, returned
 
 
 def test_auto_tiling_follows_the_models_own_memory(model):

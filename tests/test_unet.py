@@ -1,15 +1,12 @@
 """Tests of ldm/unet.py: authors' key names/shapes, padding of any latent size, scale embedding."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ldm.unet import UNetModel, pad_to_multiple
+from tests.helpers import official_keys
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 PREFIX = "model.diffusion_model."
 
 # The paper's stage-2 UNet (docs/method.md, "Stage 2: denoising UNet" and "Paper configurations").
@@ -27,12 +24,6 @@ PAPER = dict(
 SMALL = dict(PAPER, model_channels=32, num_res_blocks=1)
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not found: the shared reference folder (../shared) is absent")
-    return path
-
-
 def _randomised(**overrides) -> UNetModel:
     """Small UNet with every parameter random (the zero-initialised convs would hide bugs)."""
     torch.manual_seed(0)
@@ -44,12 +35,7 @@ def _randomised(**overrides) -> UNetModel:
 
 
 def test_paper_unet_matches_official_keys():
-    tsv = _need(SHARED / "official_keys_second_stage.tsv")
-    official = {}
-    for line in tsv.read_text().splitlines():
-        name, shape = line.split("\t")
-        if name.startswith(PREFIX):
-            official[name[len(PREFIX) :]] = json.loads(shape)  # "[256, 64]"
+    official = official_keys("second_stage", PREFIX)
     unet = UNetModel(**PAPER)
     ours = {k: list(v.shape) for k, v in unet.state_dict().items()}
     assert ours == official
