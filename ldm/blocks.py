@@ -40,17 +40,26 @@ def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """1x1 convolution of x [B, C, H, W] with weight [O, C, 1, 1] (may be a slice of a larger
-    weight). Outside autograd a channels-last x runs as one matrix product on its rows of pixels:
-    PyTorch sends a single-threaded 1x1 convolution of a small batch to a kernel that copies to
-    NCHW and back, ~40% slower. Returns [B, O, H, W] (channels-last in that case)."""
-    if not (lean() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return F.conv2d(x, like(weight, x), bias)
-    b, c, h, w = x.shape
-    rows, matrix = x.permute(0, 2, 3, 1).reshape(-1, c), weight.flatten(1).t()
-    out = rows @ matrix  # + bias in place: addmm's broadcast copy of the bias is slower
-    if bias is not None:
-        out.add_(bias)
-    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+    weight) -> [B, O, H, W].
+
+    Outside autograd a channels-last float32 x on CPU goes straight to oneDNN's convolution:
+    PyTorch sends a single-threaded 1x1 convolution of a batch below 16 to a generic kernel, and
+    oneDNN also beats a matrix product on the rows of pixels (1.8 against 2.4 ms for 64 -> 64
+    channels on 150x150; 86 against 97 ms for 256 -> 256 on 65400 pixels; one thread).
+    """
+    weight = like(weight, x)
+    direct = (
+        lean()
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available()
+    )
+    if direct:
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, [0, 0], [1, 1], [1, 1], 1)
+    return F.conv2d(x, weight, bias)
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,12 +170,27 @@ class IMDModule(nn.Module):
         self.cca = ContrastChannelAttention(self.distilled * 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = (self.distilled, self.remaining)
-        d1, r = torch.split(self.act(self.c1(x)), split, dim=1)
-        d2, r = torch.split(self.act(self.c2(like(r, x))), split, dim=1)
-        d3, r = torch.split(self.act(self.c3(like(r, x))), split, dim=1)
-        out = torch.cat([d1, d2, d3, self.c4(like(r, x))], dim=1)  # [B, 4d, h, w]
+        d1, r = self.distill(self.c1, x)
+        d2, r = self.distill(self.c2, r)
+        d3, r = self.distill(self.c3, r)
+        out = torch.cat([d1, d2, d3, self.c4(r)], dim=1)  # [B, 4d, h, w]
         return pointwise(self.cca(out), self.c5.weight, self.c5.bias) + x
+
+    def distill(self, conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """act(conv(x)) split into its distilled and remaining channels, both contiguous.
+
+        A channels-last x gets one convolution per part (same sums): a channel slice of a
+        channels-last map would have to be copied before the next convolution, which costs more.
+        """
+        d = self.distilled
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            weight, bias = conv.weight, conv.bias
+            return tuple(
+                self.act(F.conv2d(x, like(weight[part], x), bias[part], padding=1))
+                for part in (slice(None, d), slice(d, None))
+            )
+        distilled, remaining = torch.split(self.act(conv(x)), (d, self.remaining), dim=1)
+        return distilled, like(remaining, x)
 
 
 class FRU(nn.Module):

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.blocks import lean, like
+from ldm.blocks import lean, like, pointwise
 
-CHUNK_PIXELS = 1 << 16  # pixels per matrix product of the inference-time fusion MLP
+CHUNK_PIXELS = 1 << 14  # pixels per chunk of the inference-time fusion MLP (16 MiB per layer)
 
 
 def resize_to(out_size: Sequence[int]):
@@ -35,8 +35,8 @@ class ScaleAwareUpsampler(nn.Module):
     Outside autograd (inference) two exact shortcuts apply: when the output is exactly 2x or 4x
     the LR on both axes, the 8x level is only read through an exact 4:1 or 2:1 bilinear
     average, so it is computed directly on that coarser grid (`shuffle_resample`); and the 1x1
-    fusion MLP runs as matrix products on chunks of pixels, channels last, with the level gates
-    folded into its first layer (`fuse_lean`).
+    fusion MLP runs on chunks of pixel rows, channels last, with the level gates folded into its
+    first layer (`fuse_lean`).
 
     Args:
         channels: feature width nf of the SR branch.
@@ -131,7 +131,8 @@ class ScaleAwareUpsampler(nn.Module):
           factor 2 (x4 SR): the four sub-pixels of every position -> one conv with the four
             filters averaged, on x's grid;
           factor 4 (x2 SR): sub-pixel (1, 1) of (2i, 2j), (1, 0) of (2i, 2j+1), (0, 1) of
-            (2i+1, 2j) and (0, 0) of (2i+1, 2j+1) -> four stride-2 convs, averaged.
+            (2i+1, 2j) and (0, 0) of (2i+1, 2j+1); the four 3x3 filters, shifted by their
+            offsets, add up to one 4x4 filter -> one stride-2 conv (padding 1).
 
         Args:
             conv: Conv2d(nf -> 4 nf, 3x3, padding 1) of one of this upsampler's levels.
@@ -141,54 +142,48 @@ class ScaleAwareUpsampler(nn.Module):
             [B, nf, 2h/factor, 2w/factor].
         """
         weight = conv.weight.view(-1, 4, *conv.weight.shape[1:])  # [nf, 4 sub-pixels, nf, 3, 3]
-        bias = conv.bias.view(-1, 4)
+        bias = conv.bias.view(-1, 4).mean(1)
         if factor == 2:
-            return F.conv2d(x, like(weight.mean(1), x), bias.mean(1), padding=1)
+            return F.conv2d(x, like(weight.mean(1), x), bias, padding=1)
         if factor != 4:
             raise ValueError(f"shuffle_resample: factor must be 2 or 4, got {factor}")
-        padded, out = F.pad(x, (1, 1, 1, 1)), None
+        kernel = weight.new_zeros(*weight.shape[:1], *weight.shape[2:3], 4, 4)
         for a in (0, 1):
             for b in (0, 1):
                 sub = (1 - a) * 2 + (1 - b)  # the sub-pixel read at position (2i + a, 2j + b)
-                y = F.conv2d(padded[..., a:, b:], like(weight[:, sub], x), bias[:, sub], stride=2)
-                out = y if out is None else out.add_(y)
-        return out.mul_(0.25)
+                kernel[..., a : a + 3, b : b + 3] += weight[:, sub]
+        return F.conv2d(x, like(kernel.mul_(0.25), x), bias, stride=2, padding=1)
 
     def fuse_lean(self, levels: list[torch.Tensor], gates: torch.Tensor) -> torch.Tensor:
-        """`fuse(cat_l(gate_l * level_l))` as matrix products on chunks of pixels.
+        """`fuse(cat_l(gate_l * level_l))` on chunks of pixel rows, channels last, with the level
+        gates folded into the first conv's weight (no gated copies of the levels).
 
         Args:
             levels: L tensors [B, nf, H, W] (the resized pyramid levels).
-            gates: [L] level weights, folded into the first conv's weight.
+            gates: [L] level weights.
 
         Returns:
             [B, out_channels, H, W] (a channels-last view).
         """
         convs = [m for m in self.fuse if isinstance(m, nn.Conv2d)]
-        nf, dtype = self.channels, levels[0].dtype
-        first = convs[0].weight.flatten(1).view(-1, len(levels), nf) * gates[None, :, None].to(
-            dtype
-        )
-        layers = [(first.flatten(1), convs[0].bias)]
-        layers += [(c.weight.flatten(1), c.bias) for c in convs[1:]]
-        layers = [(w.t().to(dtype), b.to(dtype)) for w, b in layers]  # [in, out], [out]
+        dtype, nf, n = levels[0].dtype, self.channels, len(levels)
+        first = convs[0].weight.view(-1, n, nf, 1, 1) * gates[None, :, None, None, None]
+        layers = [(first.flatten(1, 2), convs[0].bias)]
+        layers += [(c.weight, c.bias) for c in convs[1:]]
+        layers = [(w.to(dtype), b.to(dtype)) for w, b in layers]
         views = [feat.permute(0, 2, 3, 1) for feat in levels]  # [B, H, W, nf]
         (b, rows, cols), channels = views[0].shape[:3], convs[-1].out_channels
         out = levels[0].new_empty(b, rows, cols, channels)
         step = max(1, CHUNK_PIXELS // cols)
-        # Two buffers reused across chunks (fresh large allocations cost page faults).
-        size = b * min(step, rows) * cols * max(len(levels) * nf, self.hidden)
-        bufs = [levels[0].new_empty(size) for _ in range(2)]
+        # One concatenation buffer reused across chunks (fresh large blocks cost page faults).
+        buf = levels[0].new_empty(b * min(step, rows) * cols * n * nf)
         for r in range(0, rows, step):
             chunk = [t[:, r : r + step] for t in views]
-            m = chunk[0].shape[0] * chunk[0].shape[1] * cols  # pixels in the chunk
-            hid = bufs[0][: m * len(levels) * nf].view(*chunk[0].shape[:3], -1)
-            hid = torch.cat(chunk, dim=-1, out=hid).view(m, -1)  # [pixels, L * nf]
-            for i, (weight, bias) in enumerate(layers[:-1]):
-                dst = bufs[(i + 1) % 2][: m * weight.shape[1]].view(m, -1)
-                hid = torch.addmm(bias, hid.relu_() if i else hid, weight, out=dst)
-            weight, bias = layers[-1]
-            out[:, r : r + step] = torch.addmm(bias, hid.relu_(), weight).view(
-                b, -1, cols, channels
+            hid = torch.cat(
+                chunk, dim=-1, out=buf[: chunk[0].numel() * n].view(*chunk[0].shape[:3], -1)
             )
+            hid = hid.permute(0, 3, 1, 2)  # [B, L * nf, step, W], channels last
+            for i, (weight, bias) in enumerate(layers):
+                hid = pointwise(hid.relu_() if i else hid, weight, bias)
+            out[:, r : r + step] = hid.permute(0, 2, 3, 1)
         return out.permute(0, 3, 1, 2)

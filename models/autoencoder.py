@@ -131,7 +131,7 @@ class AutoencoderKL(pl.LightningModule):
         `tiling`: `max_memory`, `tile`, `tile_overlap`, `progress` as in
         `models.inference.run_tiled` (tiled when the estimated memory exceeds `max_memory` GB).
         """
-        lr, hr = lr * 2 - 1, hr * 2 - 1
+        lr, hr = lr.contiguous() * 2 - 1, hr.contiguous() * 2 - 1  # NCHW: see LDCSR.super_resolve
 
         def untiled() -> torch.Tensor:
             z = self.encode(hr, lr).mode() if self.use_latent else None

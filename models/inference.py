@@ -320,9 +320,11 @@ class SceneTiler:
             self._bar = None
 
 
-# glibc mallopt parameters (malloc.h) and their defaults.
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# glibc mallopt parameters (malloc.h), and the values set after `retained_heap`: the default
+# mmap limit, and the thresholds where glibc's own adjustment ends in a process that frees large
+# blocks (32 MiB for mapping, twice that for trimming).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+AFTER = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 
 
 @functools.cache
@@ -344,8 +346,10 @@ def retained_heap(device: torch.device):
     unmaps it on free, so each new activation pays a page fault per 4 KiB on first touch: about
     2 s of a 12 s x4 600x600 run on one thread (measured). Inside the block large
     blocks come from the heap and freed memory is not trimmed; on exit it is returned to the OS
-    (`malloc_trim`), and the trim threshold and mmap limit are set back to glibc's defaults (their
-    dynamic adjustment stays off). No effect on CUDA tensors' memory or on other C libraries.
+    (`malloc_trim`). Setting these parameters turns off glibc's dynamic adjustment of its mmap
+    and trim thresholds for the rest of the process, so on exit they are set to the values that
+    adjustment reaches in a process freeing large blocks (`AFTER`): blocks of 32 MiB and more are
+    mapped. No effect on CUDA tensors' memory or on other C libraries.
     """
     libc = glibc_library() if device.type == "cpu" else None
     if libc is None:
@@ -356,8 +360,8 @@ def retained_heap(device: torch.device):
     try:
         yield
     finally:
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        for param, value in AFTER.items():
+            libc.mallopt(param, value)
         libc.malloc_trim(0)
 
 

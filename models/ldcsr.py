@@ -168,7 +168,9 @@ class LDCSR(pl.LightningModule):
                 "fp16") and `progress`, as in `models.inference.run_tiled`.
         """
         out_size = (int(out_size[0]), int(out_size[1]))
-        lr = lr * 2 - 1
+        # NCHW whatever the caller's layout (a PIL image's tensor is channels-last), so that the
+        # result does not depend on it: the layout picks the convolutions' summation order.
+        lr = lr.contiguous() * 2 - 1
 
         def untiled() -> torch.Tensor:
             z0 = self.sample_latent(lr, out_size, generator=generator)
@@ -192,7 +194,7 @@ class LDCSR(pl.LightningModule):
     def super_resolve_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         """The authors' `sr_kd`: decode of the condition alone, [0, 1]."""
         out_size = (int(out_size[0]), int(out_size[1]))
-        lr = lr * 2 - 1
+        lr = lr.contiguous() * 2 - 1
         return (self.decode_latent(self.encode_condition(lr, out_size), lr, out_size) + 1) / 2
 
     @contextmanager

@@ -259,6 +259,14 @@ def test_retained_heap_keeps_freed_memory_for_reuse_and_returns_it_on_exit():
     assert returned < 32, returned
 
 
+def test_result_does_not_depend_on_the_inputs_memory_layout(model):
+    """A PIL image's tensor is channels-last; the output must equal that of the NCHW copy."""
+    lr = torch.rand(1, 3, 12, 14)
+    cl = lr.contiguous(memory_format=torch.channels_last)
+    runs = [model.super_resolve(x, (48, 56), torch.Generator().manual_seed(0)) for x in (lr, cl)]
+    assert torch.equal(*runs)
+
+
 def test_auto_tiling_follows_the_models_own_memory(model):
     """The tiny model at x4 on 256x256 fits the default budget; the paper widths would not."""
     assert model.peak_bytes((256, 256), (1024, 1024)) < 2 * 2**30
