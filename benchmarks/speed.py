@@ -15,9 +15,9 @@ LR = int(600 / s), output 600x600, seed 0, run on the same machine in one proces
   reference         that plain forward alone;
   ours              the public API `LDCSR.super_resolve` (the modules' inference-mode branches:
                     inference_mode, in-place activations, a channels-last decoder whose 1x1
-                    convolutions, channel statistics and upsampler fusion MLP run on rows of
-                    pixels, the 8x level folded at x2 and x4, freed memory kept in the heap
-                    (glibc); untiled at this size under the default memory budget).
+                    convolutions (the upsampler's fusion MLP included) go straight to oneDNN,
+                    the 8x level folded at x2 and x4, freed memory kept in the heap (glibc);
+                    untiled at this size under the default memory budget).
 
 Printed: seconds per image (median of --repeats; the methods alternate within each repeat, after
 a warm-up on a 4x smaller image), peak memory during the call (CUDA: max allocated; CPU: the
