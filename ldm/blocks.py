@@ -179,14 +179,14 @@ class IMDModule(nn.Module):
     def distill(self, conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """act(conv(x)) split into its distilled and remaining channels, both contiguous.
 
-        A channels-last x gets one convolution per part (same sums): a channel slice of a
+        A channels-last x gets one convolution per part (the same math): a channel slice of a
         channels-last map would have to be copied before the next convolution, which costs more.
         """
         d = self.distilled
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             weight, bias = conv.weight, conv.bias
             return tuple(
-                self.act(F.conv2d(x, like(weight[part], x), bias[part], padding=1))
+                self.act(F.conv2d(x, like(weight[part], x), bias[part], padding=conv.padding))
                 for part in (slice(None, d), slice(d, None))
             )
         distilled, remaining = torch.split(self.act(conv(x)), (d, self.remaining), dim=1)

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from utils.weights import WEIGHTS
@@ -107,3 +109,11 @@ def official_keys(stage: str, prefix: str = "") -> dict[str, list[int]]:
     rows = (FIXTURES / f"official_keys_{stage}.tsv").read_text().splitlines()
     pairs = (row.split("\t") for row in rows)
     return {k[len(prefix) :]: json.loads(v) for k, v in pairs if k.startswith(prefix)}
+
+
+def write_rgb(path: Path, h: int, w: int, seed: int = 0) -> Path:
+    """A random RGB PNG (or JPEG, by suffix) of size h x w."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
