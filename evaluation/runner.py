@@ -67,8 +67,8 @@ def _sr(model, lr, hr, out_size, generator, tiling=None):
     return model.super_resolve(lr, out_size, generator=generator, **(tiling or {}))
 
 
-def _sr_kd(model, lr, hr, out_size, generator):
-    return model.super_resolve_condition(lr, out_size)
+def _sr_kd(model, lr, hr, out_size, generator, tiling=None):
+    return model.super_resolve_condition(lr, out_size, **(tiling or {}))
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,11 @@ def build_methods(
     `tiling` (`max_memory`, `tile`, `tile_overlap`) bounds their memory."""
     if hasattr(model, "super_resolve"):  # models.ldcsr.LDCSR
         methods = [Method("LDCSR", "sr", partial(_sr, model, tiling=tiling))]
-        methods += [Method("LDCSR (sr_kd)", "sr_kd", partial(_sr_kd, model))] if sr_kd else []
+        methods += (
+            [Method("LDCSR (sr_kd)", "sr_kd", partial(_sr_kd, model, tiling=tiling))]
+            if sr_kd
+            else []
+        )
     elif sr_kd:
         raise EvaluationError("sr_kd decodes the stage-2 condition: drop it for a stage-1 model")
     else:  # models.autoencoder.AutoencoderKL

@@ -100,7 +100,8 @@ def autocast(precision: str, like: torch.Tensor):
 
 
 class SceneTiler:
-    """Tiled super-resolution (LDCSR) or reconstruction (stage 1) of whole scenes.
+    """Tiled super-resolution (LDCSR, and its condition decoded alone: `sr_kd`) or reconstruction
+    (stage 1) of whole scenes.
 
     Args:
         tile: decoder tile in LR pixels (>= 16 and >= 2 * overlap); 0 = the whole image.
@@ -147,13 +148,24 @@ class SceneTiler:
         plan, steps = self.plan(geo), model.diffusion.num_timesteps
         total = sum(len(v) for v in plan.values()) + len(plan["unet"]) * (steps - 1)
         with torch.inference_mode(), self._progress(total):
-            lr_crop = lambda size, rows, cols: resize_crop(lr, size, rows, cols, "bicubic")  # noqa: E731
-            cond = self.encode(model.cond_stage_model, lr_crop, geo, plan["condition"])
+            cond = self.condition(model, lr, geo, plan)
             x_T, noises = draw_noise(cond.shape, steps, generator, cond.device, cond.dtype)
             denoise = self.denoiser(model.denoiser(geo.lr[0], geo.out, lr.shape[0]), plan["unet"])
             z0 = model.diffusion.sample(denoise, x_T=x_T, cond=cond, noises=noises)
             ae = model.first_stage_model
             return self.decode(ae, z0 / model.scale_factor, lr, geo, plan).clamp_(-1, 1)
+
+    def decode_condition(self, model, lr: torch.Tensor, out_size) -> torch.Tensor:
+        """The authors' `sr_kd` (`LDCSR.super_resolve_condition`): the condition encoding
+        decoded as the latent, lr [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size] in [-1, 1]
+        (clamped)."""
+        geo = self.geometry(lr, out_size)
+        plan = self.plan(geo)
+        total = sum(len(plan[k]) for k in ("condition", "latent", "decoder"))
+        with torch.inference_mode(), self._progress(total):
+            cond = self.condition(model, lr, geo, plan)
+            ae = model.first_stage_model
+            return self.decode(ae, cond / model.scale_factor, lr, geo, plan).clamp_(-1, 1)
 
     def reconstruct(self, autoencoder, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """Stage 1: decode(mode(encode(hr, lr)), lr, hr size), [-1, 1] in, [-1, 1] out
@@ -195,6 +207,11 @@ class SceneTiler:
         return {"condition": lat[0], "unet": lat[1], "latent": lat[1], "decoder": decoder}
 
     # --------------------------------------------------------------------------------- stages
+    def condition(self, model, lr: torch.Tensor, geo: Geometry, plan) -> torch.Tensor:
+        """The stage-2 condition `CondEncoder(bicubic_up(lr))` on latent tiles."""
+        lr_crop = lambda size, rows, cols: resize_crop(lr, size, rows, cols, "bicubic")  # noqa: E731
+        return self.encode(model.cond_stage_model, lr_crop, geo, plan["condition"])
+
     def encode(self, net, crop_input, geo: Geometry, tiles, posterior: bool = False):
         """`net` (a GAP encoder, or with `posterior` an autoencoder's posterior mode) on latent
         tiles -> [B, C, *latent]. `crop_input(size, rows, cols)` is the crop rows x cols of the

@@ -191,11 +191,23 @@ class LDCSR(pl.LightningModule):
         return 4 * (max(cond, decoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
 
     @torch.no_grad()
-    def super_resolve_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-        """The authors' `sr_kd`: decode of the condition alone, [0, 1]."""
+    def super_resolve_condition(
+        self, lr: torch.Tensor, out_size: Sequence[int], **tiling
+    ) -> torch.Tensor:
+        """The authors' `sr_kd`: the condition encoding decoded as if it were the sampled latent,
+        [0, 1] in and out; in bounded memory (`tiling` as in `super_resolve`)."""
         out_size = (int(out_size[0]), int(out_size[1]))
         lr = lr.contiguous() * 2 - 1
-        return (self.decode_latent(self.encode_condition(lr, out_size), lr, out_size) + 1) / 2
+
+        def untiled() -> torch.Tensor:
+            cond = self.encode_condition(lr, out_size)
+            return self.decode_latent(cond, lr, out_size).add_(1).div_(2)
+
+        def tiled(tiler) -> torch.Tensor:
+            return tiler.decode_condition(self, lr, out_size).add_(1).div_(2)
+
+        peak = self.peak_bytes(lr.shape[-2:], out_size, lr.shape[0])
+        return run_tiled(untiled, tiled, peak, out_size[0] / lr.shape[-2], lr, **tiling)
 
     @contextmanager
     def ema_scope(self, enabled: bool = True):
