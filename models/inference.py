@@ -354,6 +354,15 @@ def glibc_library():
     return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere), so that the
+    resident size of a long tiled run follows what is alive rather than its fragmented high-water
+    marks."""
+    libc = glibc_library()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def retained_heap(device: torch.device):
     """Keep freed CPU memory in the process's heap for reuse during the block (glibc only; used
@@ -363,7 +372,7 @@ def retained_heap(device: torch.device):
     unmaps it on free, so each new activation pays a page fault per 4 KiB on first touch: about
     2 s of a 12 s x4 600x600 run on one thread (measured). Inside the block large
     blocks come from the heap and freed memory is not trimmed; on exit it is returned to the OS
-    (`malloc_trim`). Setting these parameters turns off glibc's dynamic adjustment of its mmap
+    (`release_memory`). Setting these parameters turns off glibc's dynamic adjustment of its mmap
     and trim thresholds for the rest of the process, so on exit they are set to the values that
     adjustment reaches in a process freeing large blocks (`AFTER`): blocks of 32 MiB and more are
     mapped. No effect on CUDA tensors' memory or on other C libraries.
@@ -379,16 +388,7 @@ def retained_heap(device: torch.device):
     finally:
         for param, value in AFTER.items():
             libc.mallopt(param, value)
-        libc.malloc_trim(0)
-
-
-def release_memory() -> None:
-    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere), so that the
-    resident size of a long tiled run follows what is alive rather than its fragmented high-water
-    marks."""
-    libc = glibc_library()
-    if libc is not None:
-        libc.malloc_trim(0)
+        release_memory()
 
 
 def run_tiled(

@@ -234,12 +234,13 @@ def test_channel_moments_and_pointwise_equal_the_plain_ops(channels_last):
 
 
 RETAINED_HEAP_CHECK = """
+import os
 import torch
 from models.inference import retained_heap
 
 def rss():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 base = rss()
 with retained_heap(torch.device("cpu")):
