@@ -7,9 +7,13 @@
 
 Trains configs/tiny/first_stage.yaml + demo_first_stage.yaml, then configs/tiny/second_stage.yaml
 + demo_second_stage.yaml with train.py for a time budget each, then evaluates the held-out images
-at --scales against bicubic with test.py's code. Writes to --out: data/ (scenes, train list,
-held-out images), stage1/ and stage2/ (train.py run folders), eval/ (images and per-image CSVs),
-summary.{md,csv,json} and comparison.png. A rerun in the same folder reuses the trained stages.
+at --scales with test.py's code: bicubic, the condition decoded alone (sr_kd: what a regression
+gives), LDCSR's 4-step samples (at the largest scale with an uncertainty map of --samples samples)
+and the stage-1 reconstruction from the HR's own latent (an upper bound: it sees the HR), each
+with the energy of its spectrum above a quarter of the Nyquist frequency over the HR's. Writes to
+--out: data/ (scenes, train list, held-out images), stage1/ and stage2/ (train.py run folders),
+eval/ and eval_stage1/ (images, uncertainty maps, per-image CSVs), summary.md (that table),
+summary.{csv,json} and comparison.png. A rerun in the same folder reuses the trained stages.
 This is a tiny CPU demo of the pipeline, not the paper's models or numbers.
 """
 
@@ -28,11 +32,18 @@ from pathlib import Path
 import torch
 
 from data.synthetic import write_scenes
-from evaluation.demo import save_center_crops, split_folder, time_limit, write_comparison
+from evaluation.demo import (
+    hf_ratio,
+    save_center_crops,
+    split_folder,
+    story_table,
+    time_limit,
+    write_comparison,
+)
 from evaluation.runner import evaluate, load_metrics
 from evaluation.tables import write_summary
-from models import load_sr_model
-from utils.cli import HelpFormatter
+from models import load_first_stage_model, load_sr_model
+from utils.cli import HelpFormatter, check_writable_folder
 from utils.image_io import list_images
 from utils.weights import weights_available, weights_path
 
@@ -61,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-fraction", type=float, default=0.1, help="share of --data images held out")
     add("--scales", type=float, nargs="+", default=[2.0, 3.5, 4.0], help="evaluation scales")
     add("--metrics", default="psnr,ssim,lpips", help="metrics; LPIPS/FID only if weights cached")
+    add(
+        "--samples",
+        type=int,
+        default=4,
+        help="samples of the uncertainty map at the largest scale (< 2: no map)",
+    )
     add("--threads", type=int, default=0, help="CPU threads (0: the idle cores)")
     add("--seed", type=int, default=23, help="seed of the scenes, the split and the training")
     return parser
@@ -175,8 +192,10 @@ def train_stage(stage: int, run: Path, overrides: list[str], args, threads: int)
     return ckpt, True
 
 
-def evaluate_demo(ckpt: Path, eval_dir: Path, out: Path, args, threads: int) -> list[dict]:
-    """Evaluate the stage-2 checkpoint and bicubic on `eval_dir` -> summary rows."""
+def evaluate_demo(stage1: Path, ckpt: Path, eval_dir: Path, out: Path, args, threads: int):
+    """Evaluate bicubic, the stage-2 checkpoint (LDCSR, and its condition decoded alone: sr_kd;
+    at the largest scale with `--samples` uncertainty maps) and the stage-1 reconstruction from
+    the HR's latent (an upper bound) on `eval_dir` -> summary rows with `hf_ratio`."""
     torch.set_num_threads(threads)
     needs = {"lpips": "alexnet", "fid": "inception"}  # no downloads in a demo
     names = [n.strip().lower() for n in args.metrics.split(",") if n.strip()]
@@ -186,17 +205,33 @@ def evaluate_demo(ckpt: Path, eval_dir: Path, out: Path, args, threads: int) -> 
         names.remove(name)
     if (out / "eval").exists():
         log.info("re-evaluating: replacing the results in %s", out / "eval")
-    model = load_sr_model(ckpt)
-    return evaluate(
-        model, eval_dir, args.scales, out / "eval", metrics=load_metrics(names),
-        seed=args.seed, batch_size=4, overwrite=True,
-    )  # fmt: skip
+    metrics, top = load_metrics(names), max(args.scales)
+    options = dict(metrics=metrics, seed=args.seed, batch_size=4, overwrite=True)
+    model, rows = load_sr_model(ckpt), []
+    for scales, samples in (([s for s in args.scales if s != top], 1), ([top], args.samples)):
+        if scales:
+            rows += evaluate(model, eval_dir, scales, out / "eval", sr_kd=True, samples=samples,
+                             **options)  # fmt: skip
+    first = load_first_stage_model(stage1)
+    rows += evaluate(first, eval_dir, args.scales, out / "eval_stage1", bicubic=False, **options)
+    folders = {"LDCSR": "sr", "LDCSR (sr_kd)": "sr_kd", "Bicubic": "bicubic"}
+    for row in rows:
+        scale_dir = f"{row['dataset']}/x{row['scale']:g}"
+        if row["method"] == "LDCSR stage 1":  # beside the others, for the figure
+            src = out / "eval_stage1" / scale_dir / "reconstruction"
+            shutil.copytree(src, out / "eval" / scale_dir / "reconstruction", dirs_exist_ok=True)
+        folder = folders.get(row["method"], "reconstruction")
+        row["hf_ratio"] = hf_ratio(eval_dir, out / "eval" / scale_dir, folder)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
+    if args.data is not None and not Path(args.data).is_dir():  # before anything is written
+        raise DemoError(f"--data {args.data} is not a folder of images")
+    check_writable_folder(out, "--out", DemoError)
     keys = ("num_train", "scene_size", "num_eval", "eval_size", "eval_fraction", "seed")
     settings = {"data": str(Path(args.data).resolve()) if args.data else "generated scenes"}
     prepare_out(out, {**settings, **{k: getattr(args, k) for k in keys}}, args.retrain)
@@ -207,8 +242,10 @@ def main(argv: list[str] | None = None) -> Path:
         shutil.rmtree(out / "stage2", ignore_errors=True)
     stage2 = overrides + [f"model.params.first_stage_config.params.ckpt_path={first}"]
     second, _ = train_stage(2, out / "stage2", stage2, args, threads)
-    rows = evaluate_demo(second, eval_dir, out, args, threads)
-    table = write_summary(rows, out, {**settings, "stage1": str(first), "stage2": str(second)})
+    rows = evaluate_demo(first, second, eval_dir, out, args, threads)
+    write_summary(rows, out, {**settings, "stage1": str(first), "stage2": str(second)})
+    table = story_table(rows)
+    (out / "summary.md").write_text(table)
     dataset, scale = rows[0]["dataset"], max(args.scales)
     figure = write_comparison(
         eval_dir, out / "eval" / dataset / f"x{scale:g}", scale, out / "comparison.png"

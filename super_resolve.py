@@ -23,16 +23,30 @@ with the scene's statistics, so tiles agree where they overlap.
 
 Formats (data/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
 as PNG with the input's bands and bit depth. TIFF/GeoTIFF of any size, band count and dtype are
-streamed block by block from disk to disk (memory does not grow with the scene) and written as
+streamed block by block from disk to disk (memory does not grow with the scene; a scene whose
+output fits --max-memory is one block, so it gets the same pixels as the same image in PNG; the
+blocks of a larger scene render the scene's output grid but draw their own noise) and written as
 tiled GeoTIFF (--cog: Cloud-Optimized): CRS, per-axis pixel size (divided by the scale), bands,
-dtype, nodata and tags are kept. Three bands feed the model (--bands, default the first three; one
-number for a grey band), mapped to [0, 1] by --value-range or per-scene 2-98 % percentiles; the
-other bands are upsampled bicubically.
+dtype, nodata, masks and alpha (resized nearest, as masks) and tags (not GDAL's STATISTICS_*) are
+kept. Three bands feed the model (--bands, default the first three; one number for a grey band),
+mapped to [0, 1] by --value-range (finite) or per-scene 2-98 % percentiles; the other bands are
+upsampled bicubically. Every output side must be >= the model's minimum (16 px for configs/tiny).
+
+Uncertainty (--samples N, N >= 2): N samples with seeds --seed .. --seed+N-1 (the output is the
+first, unchanged), and <name>_uncertainty.tif beside the output: per-pixel std of the samples'
+[0, 1] outputs, mean over the colour channels, float32 (GeoTIFF inputs: the output's
+georeferencing, NaN where it is masked), with a viridis <name>_uncertainty.png preview (0 to the
+99th percentile). N samples cost N runs; tiled and untiled runs give the same map.
 
 Outputs are named <input stem><--suffix>.png/.tif under --output. Existing outputs are never
 overwritten without --overwrite; --skip-existing leaves them and goes on. Two inputs that would
 write the same output are an error before any work. A file that fails is reported and the others
 go on; the exit code is 1 if any file failed, 2 for bad arguments.
+
+Several GPUs or nodes: `torchrun --nproc_per_node N super_resolve.py ...` or `srun --ntasks N
+python super_resolve.py ...` (utils/distributed.py): input k runs on rank k mod N, on
+cuda:LOCAL_RANK, with the same seed as in one process; rank 0 lists every rank's failures.
+A stopped run finishes with --skip-existing (outputs are written whole or not at all).
 """
 
 from __future__ import annotations
@@ -47,15 +61,26 @@ from pathlib import Path
 
 import torch
 
-from data.raster import parse_bands, parse_value_range, raster_size
-from data.scene_io import is_raster, output_suffix, read_scene, super_resolve_raster, write_scene
+from data.raster import open_raster, parse_bands, parse_value_range, raster_size
+from data.scene_io import (
+    BLOCK,
+    is_raster,
+    output_suffix,
+    read_scene,
+    super_resolve_raster,
+    write_scene,
+)
+from data.uncertainty_maps import raster_uncertainty, uncertainty_paths, write_uncertainty
 from models import load_sr_model
-from models.inference import MIN_TILE, PRECISIONS
-from utils.cli import HelpFormatter, pick_device
+from models.inference import MIN_TILE, PRECISIONS, check_output_size
+from models.uncertainty import seeds_from
+from utils.cli import HelpFormatter, check_writable_folder
 from utils.config import ConfigError
+from utils.distributed import init_world
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images
 
 log = logging.getLogger("super_resolve")
+SCENE_PLANES = 4  # float32 copies of a block's output that streaming holds (result, blend, ...)
 
 
 class UsageError(ValueError):
@@ -92,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--cog", action="store_true", help="write TIFF outputs as Cloud-Optimized GeoTIFFs")
     add("--seed", type=int, default=0, help="seed of the diffusion noise (CPU generator)")
+    add(
+        "--samples",
+        type=int,
+        default=1,
+        help="N >= 2: also draw N samples (seeds seed..seed+N-1) and write their per-pixel std "
+        "as <name>_uncertainty.tif (float32, georeferenced like a GeoTIFF output) and .png "
+        "(preview); the output stays the --seed sample",
+    )
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     add("--tile", type=int, default=None, help="LR tile size; 0 = off (default: auto)")
     add("--tile-overlap", type=int, default=16, help="LR overlap of neighbouring tiles")
@@ -137,10 +170,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def output_size(args, lr_size) -> tuple[int, int]:
     if args.size:
         return parse_size(args.size)
-    size = tuple(round(s * n) for s, n in zip(parse_scale(args.scale), lr_size))
-    if min(size) < 8:
-        raise ValueError(f"output {size[0]}x{size[1]} is too small (>= 8 px per side)")
-    return size
+    return tuple(round(s * n) for s, n in zip(parse_scale(args.scale), lr_size))
 
 
 def collect_inputs(patterns: list[str]) -> list[tuple[Path, Path]]:
@@ -149,7 +179,11 @@ def collect_inputs(patterns: list[str]) -> list[tuple[Path, Path]]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found += [(path / rel, Path(rel)) for rel in list_images(path)]
+            files = list_images(path)
+            if not files:
+                raise UsageError(f"no images in folder {path} (png/jpg/jpeg/tif/tiff, searched "
+                                 "recursively); give a folder or files that hold some")  # fmt: skip
+            found += [(path / rel, Path(rel)) for rel in files]
         elif path.is_file():
             found.append((path, Path(path.name)))
         else:
@@ -161,21 +195,18 @@ def collect_inputs(patterns: list[str]) -> list[tuple[Path, Path]]:
     return found
 
 
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UsageError(f"output folder {folder} is not writable: {err}") from err
-
-
 def output_paths(jobs: list[tuple[Path, Path]], out_dir: Path, suffix: str) -> list[Path]:
     """The output file of each input; two inputs that would share one are a UsageError."""
     dsts = [out_dir / rel.with_name(rel.stem + suffix + output_suffix(src)) for src, rel in jobs]
     owners: dict[Path, list[Path]] = {}
     for (src, _), dst in zip(jobs, dsts):
         owners.setdefault(dst, []).append(src)
+    inputs = [src for (src, _), dst in zip(jobs, dsts) if dst.resolve() == src.resolve()]
+    if inputs:
+        raise UsageError(
+            f"the output of {inputs[0]} would replace the input itself; choose another --output "
+            "folder or a --suffix (e.g. --suffix _sr)"
+        )
     clashes = {dst: srcs for dst, srcs in owners.items() if len(srcs) > 1}
     if clashes:
         lines = "; ".join(f"{dst} <- {', '.join(map(str, srcs))}" for dst, srcs in clashes.items())
@@ -187,32 +218,67 @@ def output_paths(jobs: list[tuple[Path, Path]], out_dir: Path, suffix: str) -> l
 
 
 def run_one(model, args, src: Path, dst: Path) -> None:
-    generator = torch.Generator().manual_seed(args.seed)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if is_raster(src):  # streamed block by block, whatever the scene's size
         out_size = output_size(args, raster_size(src))
+        check_output_size(model, out_size)
         log.info("%s: %dx%d -> %dx%d (TIFF, streamed)", src, *raster_size(src), *out_size)
-
-        def sr_fn(lr, size):  # blocks run in a fixed order, so a seed reproduces the scene
-            return model.super_resolve(lr.to(model.device), size, generator=generator,
-                                       **args.tiling).cpu()  # fmt: skip
-
-        super_resolve_raster(
-            src,
-            dst,
-            sr_fn,
-            out_size,
-            bands=parse_bands(args.bands),
-            value_range=parse_value_range(args.value_range),
-            cog=args.cog,
-        )
+        if args.samples < 2:
+            stream_raster(model, args, src, dst, out_size, args.seed)
+            return
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".samples_") as tmp:
+            samples = [dst] + [Path(tmp) / f"sample{k}.tif" for k in range(1, args.samples)]
+            for k, path in enumerate(samples):  # sample k = a separate run with seed + k
+                stream_raster(model, args, src, path, out_size, args.seed + k)
+            bands, value_range = parse_bands(args.bands), parse_value_range(args.value_range)
+            raster_uncertainty(src, samples, bands, value_range)
         return
     scene = read_scene(src)
     out_size = output_size(args, scene.size)
+    check_output_size(model, out_size)
     log.info("%s: %dx%d -> %dx%d", src, *scene.size, *out_size)
     lr = scene.rgb[None].to(model.device)
-    sr = model.super_resolve(lr, out_size, generator=generator, **args.tiling)
+    if args.samples < 2:
+        generator = torch.Generator().manual_seed(args.seed)
+        sr = model.super_resolve(lr, out_size, generator=generator, **args.tiling)
+    else:
+        seeds = seeds_from(args.seed, args.samples)
+        sr, uncertainty = model.super_resolve_samples(lr, out_size, seeds, **args.tiling)
     write_scene(dst, scene, sr[0].cpu())
+    if args.samples >= 2:
+        write_uncertainty(dst, uncertainty[0, 0].cpu().numpy())
+
+
+def stream_raster(model, args, src: Path, dst: Path, out_size, seed: int) -> None:
+    """One sample of a (Geo)TIFF scene, streamed block by block into `dst`."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def sr_fn(lr, window):  # blocks run in a fixed order, so a seed reproduces the scene
+        return model.super_resolve(lr.to(model.device), window.out_size, generator=generator,
+                                   window=window, **args.tiling).cpu()  # fmt: skip
+
+    super_resolve_raster(
+        src,
+        dst,
+        sr_fn,
+        out_size,
+        bands=parse_bands(args.bands),
+        value_range=parse_value_range(args.value_range),
+        cog=args.cog,
+        block=raster_block(args, src, out_size),
+    )
+
+
+def raster_block(args, src: Path, out_size) -> int:
+    """LR block size of a streamed (Geo)TIFF: the whole scene when its float32 output planes fit
+    --max-memory, so that it runs as the same image as PNG would (one noise draw, tiled inside
+    when the model's untiled run does not fit), else `BLOCK` (each block on the scene's output
+    grid, drawing its own noise)."""
+    with open_raster(src) as raster:
+        bands, lr_size = raster.count, (raster.height, raster.width)
+    budget = args.tiling["max_memory"]
+    whole = SCENE_PLANES * (bands + 3) * 4 * out_size[0] * out_size[1]  # bytes
+    return max(BLOCK, *lr_size) if budget is not None and whole <= budget * 2**30 else BLOCK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.tile_overlap < 0:
         raise UsageError("--tile-overlap must be >= 0")
+    if args.samples < 1:
+        raise UsageError(f"--samples {args.samples}: use 1 (no uncertainty map) or N >= 2")
     if "/" in args.suffix or "\\" in args.suffix:
         raise UsageError(f"--suffix {args.suffix!r} must not contain a path separator")
     parse_bands(args.bands, UsageError)
@@ -254,8 +322,9 @@ def run(args: argparse.Namespace) -> int:
         jobs, dsts = [job for job, _ in kept], [dst for _, dst in kept]
         if not jobs:
             return 0
-    check_writable(out_dir)
-    device = pick_device(args.device, UsageError)
+    check_writable_folder(out_dir, "--output", UsageError)
+    # torchrun / srun: every rank has listed the jobs before the group forms (no output yet).
+    world, device = init_world(args.device, UsageError)
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = args.precision
@@ -270,16 +339,20 @@ def run(args: argparse.Namespace) -> int:
         precision=precision, progress=not args.no_progress,
     )  # fmt: skip
     failed = []
-    for (src, _), dst in zip(jobs, dsts):
+    for (src, _), dst in world.shard(list(zip(jobs, dsts))):  # input k on rank k mod size
         try:
-            if dst.exists() and not args.overwrite:
-                raise FileExistsError(f"{dst} exists; pass --overwrite to replace it or "
+            maps = uncertainty_paths(dst) if args.samples >= 2 else ()
+            for path in (p for p in (dst, *maps) if p.exists() and not args.overwrite):
+                raise FileExistsError(f"{path} exists; pass --overwrite to replace it or "
                                       "--skip-existing to keep it")  # fmt: skip
             run_one(model, args, src, dst)
             log.info("wrote %s", dst)
         except (ImageReadError, FileExistsError, OSError, ValueError, RuntimeError) as err:
             log.error("%s: %s", src, err)
-            failed.append((src, err))
+            failed.append((str(src), str(err)))
+    failed = [f for part in world.all_gather(failed) for f in part]  # every rank's failures
+    if not world.main:
+        return 1 if failed else 0
     for src, err in failed:
         log.error("failed: %s (%s)", src, err)
     log.info("%d of %d images written to %s", len(jobs) - len(failed), len(jobs), out_dir)

@@ -13,7 +13,8 @@ run.yaml (seed, and per start: command, git commit, versions, host, world size),
 (best by the config's monitor, last.ckpt, interrupted.ckpt after Ctrl-C or SIGTERM),
 tensorboard/ and csv/ (the default lightning.logger) and images/. A run that fails before its
 first step removes its folder. lightning.logger and lightning.callbacks take target/params blocks
-(one or a list); lightning.trainer.logger=false trains without loggers.
+(one or a list); lightning.trainer.logger=false trains without loggers. Exit code 2 with a one-line
+message for a bad config key/type, path, --logdir, --resume target or image (all bad images listed).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from utils.config import ConfigError, instantiate_from_config, load_config
 from utils.training import (
     build_callbacks,
     build_loggers,
-    check_lightning_config,
+    check_resumable,
     make_run_dir,
     remove_failed_run,
     resolve_resume,
@@ -39,12 +40,14 @@ from utils.training import (
     run_entry,
     save_config,
     set_learning_rate,
+    trainer_config,
     write_run_record,
 )
 
 log = logging.getLogger("train")
 RUN_DIR_ENV = "LDCSR_RUN_DIR"
 DEFAULT_SEED = 23
+TRAINER_FLAGS = ("accelerator", "devices", "precision")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,18 +82,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def trainer_config(config, args: argparse.Namespace):
-    """`lightning.trainer` with the command-line options applied, after checking its keys."""
-    trainer_cfg = config.setdefault("lightning", {}).setdefault("trainer", {})
-    for key in ("accelerator", "devices", "precision"):
-        if getattr(args, key) is not None:
-            trainer_cfg[key] = getattr(args, key)
-    # The one-scale-per-batch sampler shards indices across ranks itself.
-    trainer_cfg.setdefault("use_distributed_sampler", False)
-    check_lightning_config(config.lightning)
-    return trainer_cfg
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -99,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         run_dir, ckpt_path, saved_configs = resolve_resume(args.resume)
         configs = configs or saved_configs
-    if not configs:
+    if not configs:  # (a --resume run without configs/ is refused by resolve_resume)
         raise ConfigError("give --config FILE [FILE ...] or --resume RUN_DIR")
     config = load_config(configs, args.overrides)
-    trainer_cfg = trainer_config(config, args)
+    trainer_cfg = trainer_config(config, {k: getattr(args, k) for k in TRAINER_FLAGS})
 
     seed = resolve_seed(args.seed, run_dir, DEFAULT_SEED)
     import pytorch_lightning as pl
@@ -110,11 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(seed, workers=True)
     model = instantiate_from_config(config.model)
     data = instantiate_from_config(config.data)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, model)
     resolve_strategy(trainer_cfg, model)
     # DDP ranks started by Lightning inherit the folder rank 0 made (RUN_DIR_ENV, set below).
     run_dir = run_dir or args.run_dir or os.environ.get(RUN_DIR_ENV)
     created = run_dir is None or not Path(run_dir).exists()
-    run_dir = Path(run_dir or make_run_dir(args.logdir, Path(configs[-1]).stem, args.name))
+    run_dir = make_run_dir(args.logdir, Path(configs[-1]).stem, args.name, run_dir)
     trainer = None
     try:
         trainer = pl.Trainer(
@@ -141,10 +134,17 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.pop(RUN_DIR_ENV, None)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with the exit codes of the help: 0 trained, 2 a config, path or data problem."""
     try:
-        main()
+        main(argv)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        # Config and data problems (bad keys, missing/corrupt/too-small images) carry messages
-        # naming the file or key; show those, not a stack trace.
-        sys.exit(f"error: {err}")
+        # Config and data problems (bad keys, missing/corrupt/too-small images, unwritable
+        # folders) carry messages naming the file or key; show those, not a stack trace.
+        sys.stderr.write(f"train.py: error: {err}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

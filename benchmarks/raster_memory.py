@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-import torch.nn.functional as F
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from data.scene_io import super_resolve_raster  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
+from utils.resample import resize_crop  # noqa: E402
 
 
 def write_scene(path: Path, size: int) -> None:
@@ -50,8 +50,9 @@ def write_scene(path: Path, size: int) -> None:
 
 
 def sr_function(model: str):
-    if model == "bicubic":
-        return lambda lr, size: F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+    if model == "bicubic":  # the block's window of the scene's bicubic output
+        return lambda lr, w: resize_crop(lr, w.out_size, w.rows, w.cols, "bicubic", w.offset,
+                                         w.lr_size)  # fmt: skip
     from omegaconf import OmegaConf
 
     from utils.config import instantiate_from_config
@@ -60,9 +61,10 @@ def sr_function(model: str):
     config = OmegaConf.load(ROOT / "configs" / "tiny" / "second_stage.yaml")
     net = instantiate_from_config(config.model).eval()
 
-    def run(lr, size):
+    def run(lr, window):
         with torch.inference_mode():
-            return net.super_resolve(lr, size, generator=torch.Generator().manual_seed(0))
+            return net.super_resolve(lr, window.out_size, window=window,
+                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
 
     return run
 

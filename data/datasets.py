@@ -9,126 +9,30 @@
 from __future__ import annotations
 
 import math
-import pickle
-from collections import Counter
-from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+import natsort
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.splits import (  # noqa: F401 - re-exported: callers import them from here
+    SPLITS,
+    flat_names,
+    load_split_pickle,
+    read_split_file,
+    seeded_split,
+)
 from data.transforms import augment as augment_image
 from data.transforms import lr_size as make_lr_size
 from data.transforms import resize_bicubic
 from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
 
-SPLITS = ("train", "val", "test")
-# The split pickle holds plain dicts/lists/strings (possibly numpy arrays of strings); nothing else
-# is unpickled, so a split file cannot run code.
-_PICKLE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-}
-
-
-class _SplitUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"split pickles may not hold {module}.{name}")
-        return super().find_class(module, name)
-
-
-def seeded_split(files: list[str], ratios: tuple[float, float, float], seed: int) -> dict:
-    """Split a file list into train/val/test with a seeded shuffle.
-
-    The sorted list is permuted by `numpy.random.default_rng(seed)`; the first
-    `round(n * ratios[2])` files are test, the next `round(n * ratios[1])` val, the rest train.
-
-    Returns:
-        `{"train": [...], "val": [...], "test": [...]}`, each list sorted.
-    """
-    if min(ratios) < 0 or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split ratios (train, val, test) must be >= 0 and sum to 1, got {ratios}")
-    files = sorted(files)
-    order = np.random.default_rng(seed).permutation(len(files))
-    n_test, n_val = round(len(files) * ratios[2]), round(len(files) * ratios[1])
-    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val]}
-    parts["train"] = order[n_test + n_val :]
-    return {name: sorted(files[i] for i in parts[name]) for name in SPLITS}
-
-
-def load_split_pickle(split_file: str | Path) -> dict[str, list[str]]:
-    """Read the authors' split pickle `{"train": [...], "val": [...], "test": [...]}`.
-
-    Only dicts, lists, strings and numpy arrays are unpickled, so a split file cannot run code.
-
-    Returns:
-        Split name -> paths relative to the raw dataset root, with "/" separators.
-    """
-    split_file = Path(split_file)
-    if not split_file.is_file():
-        raise FileNotFoundError(f"split file {split_file} does not exist")
-    try:
-        with split_file.open("rb") as f:
-            splits = _SplitUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"split file {split_file} is not a valid split pickle: {err}") from err
-    if not isinstance(splits, dict):
-        raise ValueError(f"split file {split_file} holds a {type(splits).__name__}, not a dict")
-    return {str(k): [str(p).replace("\\", "/") for p in v] for k, v in splits.items()}
-
-
-def read_split_file(split_file: str | Path, split: str | None) -> list[str]:
-    """Relative image paths of one split from a split pickle or a text file (one path per line).
-
-    The pickle is the authors' `{"train": [...], "val": [...], "test": [...]}`; a text file
-    (any other suffix) is the split itself and `split` is ignored. Blank and `#` lines are skipped.
-    """
-    split_file = Path(split_file)
-    if not split_file.is_file():
-        raise FileNotFoundError(f"split file {split_file} does not exist")
-    if split_file.suffix.lower() not in (".pkl", ".pickle"):
-        lines = (line.strip() for line in split_file.read_text().splitlines())
-        return [line.replace("\\", "/") for line in lines if line and not line.startswith("#")]
-    splits = load_split_pickle(split_file)
-    if split not in splits:
-        raise ValueError(
-            f"split {split!r} not in split file {split_file} (it holds {list(splits)})"
-        )
-    return splits[split]
-
-
-def flat_names(files: Sequence[str], keep_extension: bool = False) -> dict[str, str]:
-    """Output PNG name of each relative path: its stem, or, where stems collide (compared
-    case-insensitively, for case-insensitive file systems), the whole path joined by "_"
-    (`a/x.png` -> `a_x.png`); with `keep_extension` the extension is joined too, so that `x.jpg`
-    and `x.tif` of one folder become `x_jpg.png` and `x_tif.png`.
-
-    Raises:
-        ValueError: naming the files whose output names still collide.
-    """
-    stems = Counter(PurePosixPath(f).stem.casefold() for f in files)
-    names = {}
-    for f in files:
-        path = PurePosixPath(f)
-        extension = [path.suffix.lstrip(".").lower()] if keep_extension else []
-        long = "_".join((*path.parent.parts, path.stem, *extension))
-        names[f] = (path.stem if stems[path.stem.casefold()] == 1 else long) + ".png"
-    taken = Counter(n.casefold() for n in names.values())
-    clashes = sorted(f"{f} -> {n}" for f, n in names.items() if taken[n.casefold()] > 1)
-    if clashes:
-        raise ValueError(
-            f"{len(clashes)} images would be written under the same name: "
-            f"{'; '.join(clashes[:10])}; rename or move them"
-        )
-    return names
+# The order of a split's files (what `first_k` keeps): the authors' natural sort, or strings.
+# natsort itself rather than a look-alike key: it is the function their loaders call, so the
+# order is theirs for every name (leading zeros, case, non-ASCII digits), not only tested ones.
+FILE_ORDERS = {"natural": natsort.natsorted, "string": sorted}
 
 
 def _select_files(
@@ -162,6 +66,17 @@ class ImageFolder(Dataset):
         cache: "none" reads files on access; "memory" decodes all images once at construction.
         val_fraction, test_fraction: split fractions used without a split file.
         split_seed: seed of that split.
+        file_order: order of the split's files, which decides what `first_k` keeps (e.g. the
+            two stage-1 validation images that pick best.ckpt). "natural" (the authors'
+            `natsort.natsorted`: airport_2 before airport_10); "string": plain string order
+            (ours before this option existed: airport_10 before airport_2).
+        swap_rb: exchange the red and blue channels of every image read. The authors' prepared
+            PNGs hold R and B swapped (their prepare_split converts BGR to RGB, then writes with
+            OpenCV, which expects BGR) and their loaders read them back as stored, so their
+            networks were trained on (B, G, R) of the scene. Off: images as stored (our
+            `data/prepare_split.py` output in true colours; the authors' folders as their
+            loaders read them). On: our true-colour data in the channel order of the authors'
+            released checkpoints (or the authors' folders in true colours).
 
     Items: `(RGB uint8 Pillow image, path relative to root with "/" separators)`.
     """
@@ -177,29 +92,41 @@ class ImageFolder(Dataset):
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         split_seed: int = 0,
+        file_order: str = "natural",
+        swap_rb: bool = False,
     ) -> None:
         self.root = Path(root)
+        if file_order not in FILE_ORDERS:
+            raise ValueError(f"file_order must be one of {tuple(FILE_ORDERS)}, got {file_order!r}")
         if cache not in ("none", "memory"):
             raise ValueError(f"cache must be 'none' or 'memory', got {cache!r}")
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
         if not self.root.is_dir():
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
             raise FileNotFoundError(
-                f"image folder {self.root} does not exist; set the dataset root (or "
+                f"image folder {self.root} {what}; set the dataset root (or "
                 f"data.params.data_root) to a folder of png/jpg/tif images"
             )
         ratios = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
         files = _select_files(self.root, split_file, split, ratios, split_seed)
+        files = FILE_ORDERS[file_order](files)
         self.files = files[:first_k] if first_k is not None else files
         if not self.files:
             raise ValueError(
                 f"no images found in {self.root} (split={split!r}, split_file={split_file}); "
                 f"expected png/jpg/jpeg/tif/tiff files (searched recursively)"
             )
-        self.repeat = repeat
+        self.repeat, self.swap_rb = repeat, swap_rb
         self.cache = None
         if cache == "memory":  # decoded uint8 arrays, [H, W, 3] each
-            self.cache = [np.asarray(load_image(self.root / f)) for f in self.files]
+            self.cache, problems = [], []
+            for f in self.files:
+                try:
+                    self.cache.append(np.asarray(self._read(f)))
+                except ImageReadError as err:  # go on: list every bad image at once
+                    problems.append(str(err))
+            _raise_bad_images(self.root, problems)
 
     def __len__(self) -> int:
         return len(self.files) * self.repeat
@@ -208,10 +135,15 @@ class ImageFolder(Dataset):
         i = i % len(self.files)
         if self.cache is not None:
             return Image.fromarray(self.cache[i]), self.files[i]
-        return load_image(self.root / self.files[i]), self.files[i]
+        return self._read(self.files[i]), self.files[i]
+
+    def _read(self, name: str) -> Image.Image:
+        img = load_image(self.root / name)
+        return Image.merge("RGB", img.split()[::-1]) if self.swap_rb else img
 
     def validate(self, min_size: int = 1) -> None:
-        """Check every image header (cheap, no decode) and its size, before training starts.
+        """Check that every image decodes to its end (`verify_image`: a truncated JPEG fails
+        here, not at the step that first reads it) and its size, before training starts.
 
         Raises:
             ImageReadError: listing every unreadable image and every one with a side < min_size.
@@ -226,11 +158,16 @@ class ImageFolder(Dataset):
             if min(height, width) < min_size:
                 size = f"{height}x{width}"
                 problems.append(f"image {self.root / f} is {size}, smaller than {min_size} px")
-        if problems:
-            raise ImageReadError(
-                f"{len(problems)} bad image(s) under {self.root}; re-export them or remove them "
-                f"from the folder/split:\n  " + "\n  ".join(problems)
-            )
+        _raise_bad_images(self.root, problems)
+
+
+def _raise_bad_images(root: Path, problems: list[str]) -> None:
+    """One ImageReadError listing every bad image under `root` (none: nothing happens)."""
+    if problems:
+        raise ImageReadError(
+            f"{len(problems)} bad image(s) under {root}; re-export them or remove them "
+            f"from the folder/split:\n  " + "\n  ".join(problems)
+        )
 
 
 def _item(lr: Image.Image, hr: Image.Image, file_name: str) -> dict:
@@ -259,7 +196,7 @@ class MultiScaleTrainDataset(Dataset):
 
     Args:
         root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
-            split_seed: see `ImageFolder`.
+            split_seed, file_order, swap_rb: see `ImageFolder`.
         min_scale, max_scale: scale range, read by the DataModule to build the batch sampler.
         lr_size: stage-1 LR crop size (paper: 48).
         hr_size: stage-2 HR crop size (paper: 256).
@@ -282,11 +219,14 @@ class MultiScaleTrainDataset(Dataset):
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         split_seed: int = 0,
+        file_order: str = "natural",
+        swap_rb: bool = False,
     ) -> None:
         self._set_crops(min_scale, max_scale, lr_size, hr_size, augment)
         self.images = ImageFolder(
-            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction, split_seed
-        )
+            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
+            split_seed, file_order, swap_rb,
+        )  # fmt: skip
 
     def _set_crops(
         self,
@@ -350,7 +290,7 @@ class FixedScaleDataset(Dataset):
 
     Args:
         root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
-            split_seed: see `ImageFolder`.
+            split_seed, file_order, swap_rb: see `ImageFolder`.
         scale: SR factor s >= 1.
     """
 
@@ -366,11 +306,14 @@ class FixedScaleDataset(Dataset):
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         split_seed: int = 0,
+        file_order: str = "natural",
+        swap_rb: bool = False,
     ) -> None:
         self._set_scale(scale)
         self.images = ImageFolder(
-            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction, split_seed
-        )
+            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
+            split_seed, file_order, swap_rb,
+        )  # fmt: skip
 
     def _set_scale(self, scale: float) -> None:
         """Check and store the scale; subclasses that bring their own `self.images` (an

@@ -27,10 +27,11 @@ if __package__ in (None, ""):  # run as `python data/prepare_split.py`: import f
 
 from tqdm import tqdm  # noqa: E402
 
+from data.atomic import atomic_output  # noqa: E402
 from data.datasets import flat_names, load_split_pickle, seeded_split  # noqa: E402
 from data.transforms import lr_size, resize_bicubic  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
-from utils.image_io import ImageReadError, list_images, load_image  # noqa: E402
+from utils.image_io import ImageReadError, list_images, load_image, verify_image  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,13 @@ def check_output(output_path: Path, overwrite: bool) -> None:
         )
 
 
+def save_png(img, path: Path) -> None:
+    """Save whole or not at all (`data.atomic`): a stop (Ctrl-C, SIGTERM, a full disk) leaves
+    no half-written PNG that a later run would take for a prepared image."""
+    with atomic_output(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
 def make_split(data_path: Path, out_file: Path, ratios: str, seed: int, overwrite: bool) -> None:
     """Write a seeded `{"train", "val", "test"}` split pickle of the images under `data_path`."""
     if out_file.exists() and not overwrite:
@@ -51,9 +59,13 @@ def make_split(data_path: Path, out_file: Path, ratios: str, seed: int, overwrit
     files = list_images(data_path)
     if not files:
         raise FileNotFoundError(f"no png/jpg/tif images under {data_path}")
-    fractions = tuple(float(r) for r in ratios.split(","))
-    if len(fractions) != 3:
-        raise ValueError(f"--ratios needs three numbers train,val,test, got {ratios!r}")
+    try:
+        fractions = tuple(float(r) for r in ratios.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3 or not all(0 <= r <= 1 for r in fractions):
+        raise ValueError(f"--ratios needs three numbers train,val,test in [0, 1] such as "
+                         f"0.8,0.1,0.1, got {ratios!r}")  # fmt: skip
     splits = seeded_split(files, fractions, seed)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with out_file.open("wb") as f:
@@ -76,18 +88,29 @@ def prepare(
             f"{len(missing)} of {len(files)} files named by {split_file} are missing under "
             f"{data_path}, e.g. {missing[:5]}; check --data_path"
         )
+    bad = []
+    for f in files:  # every image decodes, before anything is written
+        try:
+            verify_image(data_path / f)
+        except ImageReadError as err:
+            bad.append(str(err))
+    if bad:
+        raise ImageReadError(
+            f"{len(bad)} unreadable image(s) named by {split_file}; re-export or remove them "
+            "(no image was written): " + "; ".join(bad)
+        )
     names = flat_names(files)
     for split, paths in splits.items():
         hr_dir = output_path / split / "HR"
         hr_dir.mkdir(parents=True, exist_ok=True)
         for f in tqdm(paths, desc=split, unit="img"):
             hr = load_image(data_path / f)
-            hr.save(hr_dir / names[f])
+            save_png(hr, hr_dir / names[f])
             for scale in scales:
                 lr_dir = output_path / split / "LR" / f"X{scale:g}"
                 lr_dir.mkdir(parents=True, exist_ok=True)
                 lr = resize_bicubic(hr, lr_size((hr.height, hr.width), scale))
-                lr.save(lr_dir / names[f])
+                save_png(lr, lr_dir / names[f])
     return {split: len(paths) for split, paths in splits.items()}
 
 
@@ -115,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data_path {args.data_path} is not a folder")
     if args.make_split is None and (args.split_file is None or args.output_path is None):
         parser.error("pass --split_file and --output_path (or --make-split to create a split)")
+    out = args.output_path.resolve() if args.output_path is not None else None
+    if out is not None and args.data_path.resolve() in (out, *out.parents):
+        parser.error(
+            f"--output_path {args.output_path} is inside --data_path {args.data_path}: the "
+            "prepared PNGs would mix with the raw images; choose another folder"
+        )
     try:
         if args.output_path is not None:
             check_output(args.output_path, args.overwrite)

@@ -18,6 +18,12 @@ The model is an RGB network on [0, 1]; a raster reaches it and comes back as fol
   their band's median before upsampling (so nodata does not bleed into valid pixels); each band's
   mask is upsampled nearest and its pixels are written as the input's nodata value (or as an
   internal mask). A valid pixel that would equal the nodata value is moved one level away.
+  NaN and inf pixels of a float raster are treated alike (left out, filled, and written back
+  nearest as they were). An alpha band (RGBA GeoTIFF) is a mask too: its pixels are resized
+  nearest, not bicubic, and written back as the output's alpha; colours under a masked pixel are
+  written as 0.
+- Tags: the input's are copied except GDAL's `STATISTICS_*`, which describe the input's pixels.
+- Read errors of a truncated or corrupt file are `ImageReadError`s naming it (`read_pixels`).
 - Georeferencing: the CRS is kept and the pixel size divided by the per-axis scale (the origin is
   kept); GCPs are scaled. A raster georeferenced by RPCs only is refused (orthorectify it first).
 """
@@ -33,7 +39,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.control import GroundControlPoint
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from utils.image_io import ImageReadError
@@ -41,6 +47,7 @@ from utils.image_io import ImageReadError
 DEFAULT_PERCENTILES = (2.0, 98.0)
 STATS_PIXELS = 1 << 20  # pixels per band read for the stretch statistics
 TAG_PREFIX = "LDCSR_"
+STALE_TAG_PREFIX = "STATISTICS_"  # per-band pixel statistics, which no longer hold after SR
 
 
 class RasterWriteError(OSError):
@@ -68,7 +75,8 @@ def parse_value_range(
     """`--value-range`: "MIN,MAX" -> (MIN, MAX) with MIN < MAX; None -> None (percentiles).
 
     Raises:
-        error: (the caller's error type) for a malformed or empty range.
+        error: (the caller's error type) for a malformed, empty or infinite range (an infinite
+            end would map every value to 0 or 1).
     """
     if text is None:
         return None
@@ -76,8 +84,8 @@ def parse_value_range(
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         lo = hi = math.nan
-    if not lo < hi:
-        raise error(f"--value-range {text!r}: expected MIN,MAX with MIN < MAX, e.g. 0,4095")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise error(f"--value-range {text!r}: expected finite MIN,MAX with MIN < MAX, e.g. 0,4095")
     return lo, hi
 
 
@@ -172,6 +180,24 @@ def has_mask(src) -> bool:
     return src.nodata is not None or any(MaskFlags.all_valid not in f for f in src.mask_flag_enums)
 
 
+def alpha_bands(src) -> list[int]:
+    """1-based numbers of the alpha bands (e.g. band 4 of an RGBA GeoTIFF). An alpha band is a
+    mask, not a colour: it is resized nearest and written back as the output's alpha."""
+    return [i + 1 for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha]
+
+
+def read_pixels(src, masks: bool = False, **kwargs) -> np.ndarray:
+    """`src.read(**kwargs)` (`src.read_masks` with `masks`), where a truncated or corrupt file's
+    GDAL error becomes an `ImageReadError` naming the file and the fix (not a write error)."""
+    try:
+        return (src.read_masks if masks else src.read)(**kwargs)
+    except RasterioError as err:
+        raise ImageReadError(
+            f"cannot read {src.name} ({err}): the file is truncated or corrupt; check it with "
+            "`gdalinfo -checksum` and re-export or re-download it"
+        ) from err
+
+
 def scene_stretch(
     src,
     bands: tuple[int, int, int],
@@ -192,11 +218,12 @@ def scene_stretch(
     step = max(1, math.ceil(math.sqrt(src.height * src.width / max_pixels)))
     shape = (math.ceil(src.height / step), math.ceil(src.width / step))
     unique = sorted(set(bands))
-    sample = src.read(unique, out_shape=(len(unique), *shape), masked=True,
-                      resampling=Resampling.nearest)  # fmt: skip
+    sample = read_pixels(src, indexes=unique, out_shape=(len(unique), *shape), masked=True,
+                         resampling=Resampling.nearest)  # fmt: skip
     limits = {}
     for band, values in zip(unique, sample):
         valid = values.compressed()
+        valid = valid[np.isfinite(valid)]  # NaN / inf in a float raster: not statistics
         if valid.size == 0:
             raise ImageReadError(f"{src.name}: band {band} has no valid (non-nodata) pixel")
         lo, hi = np.percentile(valid.astype(np.float64), percentiles)
@@ -206,11 +233,13 @@ def scene_stretch(
 
 
 def nodata_fill(src, max_pixels: int = STATS_PIXELS) -> np.ndarray:
-    """float32 [C]: each band's median over its valid pixels (decimated read), the value masked
-    pixels take before upsampling so that nodata does not bleed into valid neighbours."""
+    """float32 [C]: each band's median over its valid, finite pixels (decimated read), the value
+    masked and NaN / inf pixels take before upsampling, so that they do not bleed into valid
+    neighbours."""
     step = max(1, math.ceil(math.sqrt(src.height * src.width / max_pixels)))
     shape = (src.count, math.ceil(src.height / step), math.ceil(src.width / step))
-    sample = src.read(out_shape=shape, masked=True, resampling=Resampling.nearest)
+    sample = read_pixels(src, out_shape=shape, masked=True, resampling=Resampling.nearest)
+    sample = np.ma.masked_invalid(sample)  # NaN / inf pixels of a float raster
     return np.array([np.ma.median(band) if band.count() else 0.0 for band in sample], np.float32)
 
 
@@ -261,14 +290,14 @@ def copy_metadata(src, dst, out_size, bands, stretch: Stretch) -> None:
     geo = scaled_georeference(src, out_size)
     if "gcps" in geo:
         dst.gcps = (geo["gcps"], geo["gcp_crs"])
-    dst.update_tags(**src.tags())
+    dst.update_tags(**_current_tags(src.tags()))
     dst.update_tags(
         LDCSR_STRETCH=stretch.method,
         LDCSR_MODEL_BANDS=",".join(map(str, bands)),
         LDCSR_SCALE=f"{out_size[0] / src.height:g},{out_size[1] / src.width:g}",
     )
     for band in range(1, src.count + 1):
-        dst.update_tags(band, **src.tags(band))
+        dst.update_tags(band, **_current_tags(src.tags(band)))
         if src.descriptions[band - 1]:
             dst.set_band_description(band, src.descriptions[band - 1])
         if src.units[band - 1]:
@@ -280,15 +309,25 @@ def copy_metadata(src, dst, out_size, bands, stretch: Stretch) -> None:
     dst.scales, dst.offsets = src.scales, src.offsets
 
 
+def _current_tags(tags: dict) -> dict:
+    """The tags that still describe the output: GDAL's `STATISTICS_*` (min, max, mean, ...)
+    were computed from the input's pixels, so they are left out (GDAL recomputes them)."""
+    return {k: v for k, v in tags.items() if not k.upper().startswith(STALE_TAG_PREFIX)}
+
+
 def to_dtype(values: np.ndarray, valid: np.ndarray | None, dtype, nodata) -> np.ndarray:
     """float32 [C, H, W] band values -> `dtype` (rounded and clipped for integers); pixels where
-    `valid` [C, H, W] is False get `nodata`, valid ones never equal it."""
+    `valid` [C, H, W] is False get `nodata` (0 without one: the mask or alpha marks them), valid
+    ones never equal it."""
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         values = np.clip(np.rint(values), info.min, info.max)
     out = values.astype(dtype)
-    if valid is None or nodata is None:
+    if valid is None:
+        return out
+    if nodata is None:  # masked by an internal mask or alpha: no invented colour under it
+        out[~valid] = 0
         return out
     if not math.isnan(nodata):
         if dtype.kind == "f":
@@ -306,8 +345,8 @@ class Span:
 
     Attributes:
         read: LR pixels read (the core plus up to `overlap` on each side).
-        read_hr: the HR pixels `read` maps to (the size passed to `sr_fn`).
-        start, stop: HR pixels with a non-zero weight; `start` is the previous span's `final`.
+        start, stop: HR pixels with a non-zero weight, on the scene's output grid (what the
+            block computes from its read); `start` is the previous span's `final`.
         blended: end of the blend zone shared with the previous span (`start` if none).
         final: end of the pixels that no later span touches (`stop` for the last span).
         weight: float32 [stop - start] cross-fade weights; overlapping spans sum to 1.
@@ -315,7 +354,6 @@ class Span:
     """
 
     read: tuple[int, int]
-    read_hr: tuple[int, int]
     start: int
     blended: int
     final: int
@@ -328,7 +366,10 @@ def block_spans(n: int, out_n: int, block: int, overlap: int) -> list[Span]:
     """Cut an axis of `n` LR pixels (`out_n` HR pixels) into ceil(n / block) equal blocks.
 
     The boundary c between two blocks is blended over LR [c - overlap/2, c + overlap/2): the
-    weight of the later block rises linearly with the LR position of the HR pixel centre.
+    weight of the later block rises linearly with the LR position of the HR pixel centre. A
+    block's HR pixels are those of the scene's output grid, so at any scale (non-integer,
+    different per axis) a block computes exactly the pixels of the whole scene's output that its
+    read can serve: the read reaches `overlap / 2` LR pixels beyond the weighted pixels.
     """
     count = max(1, math.ceil(n / block))
     edges = [round(k * n / count) for k in range(count + 1)]
@@ -352,7 +393,7 @@ def block_spans(n: int, out_n: int, block: int, overlap: int) -> list[Span]:
             weight *= 1 - rise(centres, c1)
         read = (max(0, c0 - overlap), min(n, c1 + overlap))
         spans.append(Span(
-            read=read, read_hr=(hr(read[0]), hr(read[1])), start=start,
+            read=read, start=start,
             blended=start if first else hr(c0 + half), final=stop if last else hr(c1 - half),
             stop=stop, weight=weight.astype(np.float32), lr_of_hr=n / out_n,
         ))  # fmt: skip

@@ -5,8 +5,8 @@ PNG and JPEG (`read_scene`, `write_scene`): the model sees RGB in [0, 1] as
 
 | input (Pillow mode)            | written as                                                    |
 |--------------------------------|---------------------------------------------------------------|
-| RGB, P, CMYK, YCbCr (8 bit)    | 8-bit RGB                                                     |
-| RGBA, PA / LA                  | 8-bit RGBA / LA; alpha resized bicubic, not super-resolved    |
+| RGB, P, CMYK, YCbCr (8 bit)    | 8-bit RGB (RGBA when a tRNS chunk makes colours transparent)  |
+| RGBA, PA / LA                  | 8-bit RGBA / LA; alpha as a mask (nearest), 0 under alpha 0  |
 | L, 1                           | 8-bit grey: mean of the three output channels                 |
 | I;16 (16-bit grey), I          | 16-bit grey (I: values clipped to 0..65535)                   |
 | 16-bit RGB PNG                 | 8 bit: Pillow keeps only the high byte (a warning says so)    |
@@ -17,7 +17,9 @@ A PNG/JPEG with a world file (georeferencing) is refused: convert it to GeoTIFF.
 TIFF and GeoTIFF (`super_resolve_raster`, any band count and dtype, see `data.raster` for the
 bands, radiometry, nodata and georeferencing): the scene is cut into blocks of `block` LR pixels
 that read `overlap` more pixels on each side; each block is super-resolved on its own by `sr_fn`
-(within a block the model's own tiling applies) and neighbouring blocks are cross-faded
+(within a block the model's own tiling applies), which computes the block's window of the whole
+scene's output grid (`BlockWindow`: at any scale, a block has the pixels an untiled run has
+there), and neighbouring blocks are cross-faded
 linearly over the central `overlap` pixels of their overlap, so block seams are blended. Memory
 depends on the block size (plus a strip `overlap` output pixels high across the output and
 GDAL's block cache), not on the scene. Outputs are tiled, DEFLATE-compressed GeoTIFFs, or
@@ -30,8 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +40,15 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from data.atomic import atomic_output
 from data.raster import (
-    RasterWriteError,
     Span,
     Stretch,
+    alpha_bands,
     block_spans,
     copy_metadata,
     has_mask,
@@ -55,10 +56,12 @@ from data.raster import (
     nodata_fill,
     open_raster,
     output_profile,
+    read_pixels,
     scene_stretch,
     to_dtype,
 )
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
+from utils.resample import resize_crop
 
 log = logging.getLogger(__name__)
 TIFF = (".tif", ".tiff")
@@ -66,7 +69,26 @@ WORLD_FILES = (".pgw", ".pngw", ".jgw", ".jpgw", ".jpegw", ".wld")
 BLOCK, OVERLAP = 512, 32  # LR pixels
 COG_OPTIONS = dict(compress="DEFLATE", predictor="YES", blocksize=512,
                    overview_resampling="AVERAGE", bigtiff="IF_SAFER")  # fmt: skip
-SrFn = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockWindow:
+    """What `sr_fn` computes for one block: the output window `rows` x `cols` ([start, stop)) of
+    the whole scene's output grid `out_size`, from the LR crop whose top-left pixel is `offset` in
+    a scene of `lr_size`. These are the fields of `models.tiling.OutputWindow`."""
+
+    lr_size: tuple[int, int]
+    out_size: tuple[int, int]
+    offset: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
+
+
+SrFn = Callable[[torch.Tensor, BlockWindow], torch.Tensor]
 
 
 @dataclass
@@ -130,12 +152,20 @@ def read_scene(path: str | Path) -> Scene:
             return _from_pillow(path, img)
     except ImageReadError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # PNG/JPEG are read whole; TIFFs are streamed
+        raise ImageReadError(
+            f"{path} is larger than Pillow reads in one piece ({err}); convert it to GeoTIFF "
+            f"(gdal_translate {path.name} {path.stem}.tif), which is streamed block by block"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
 
 
 def _from_pillow(path: Path, img: Image.Image) -> Scene:
     mode = img.mode
+    if "transparency" in img.info and mode in ("P", "L", "RGB"):  # tRNS: alpha in disguise
+        img = img.convert("LA" if mode == "L" else "RGBA")
+        mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         grey = np.clip(np.asarray(img, dtype=np.int64), 0, 65535).astype(np.uint16)
         return _scene(grey[..., None], 16)
@@ -171,12 +201,12 @@ def write_scene(path: str | Path, scene: Scene, sr: torch.Tensor) -> None:
     out = sr.float().clamp(0, 1)  # in-place steps below: a scene output may be large
     if scene.bands == 1:
         out = out.mean(dim=0, keepdim=True)
-    if scene.alpha is not None:
-        alpha = torch.from_numpy(scene.alpha.astype(np.float32) / maxval)[None, None]
-        alpha = F.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False)
-        out = torch.cat([out, alpha[0].clamp_(0, 1)])
     dtype = np.uint8 if scene.bits == 8 else np.uint16
     arr = out.mul_(maxval).round_().permute(1, 2, 0).numpy().astype(dtype)  # [H, W, bands]
+    if scene.alpha is not None:  # a mask, not a colour: nearest, no colour under alpha 0
+        alpha = resize_nearest(scene.alpha, arr.shape[:2])
+        arr[alpha == 0] = 0
+        arr = np.concatenate([arr, alpha[..., None].astype(dtype)], axis=-1)
     if scene.bits == 16 and arr.shape[-1] > 1:
         log.warning("%s: Pillow cannot write 16-bit grey+alpha; alpha dropped", path)
         arr = arr[..., :1]
@@ -184,20 +214,14 @@ def write_scene(path: str | Path, scene: Scene, sr: torch.Tensor) -> None:
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, format="PNG")
 
 
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yields a temporary name beside `path`, renamed to `path` when the block succeeds and
-    removed when it fails; write errors become `RasterWriteError` naming the file and the fix."""
-    tmp = path.with_name(f".{path.name}.partial{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except (OSError, RasterioError) as err:
-        raise RasterWriteError(
-            f"cannot write {path}: {err}; check that {path.parent} is writable and has free space"
-        ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
+def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[h, w] -> [*size]: each output pixel takes the input pixel under its centre, so a mask
+    keeps its values (no new levels, nothing out of range) and transparent stays transparent."""
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * mask.shape[0] / size[0]).astype(int),
+                      mask.shape[0] - 1)  # fmt: skip
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(int),
+                      mask.shape[1] - 1)  # fmt: skip
+    return mask[rows][:, cols]
 
 
 def super_resolve_raster(
@@ -216,14 +240,16 @@ def super_resolve_raster(
     Args:
         src_path: input raster, any band count (>= 3, or `bands` given) and real dtype.
         dst_path: output .tif (a GeoTIFF keeps its georeferencing only as TIFF).
-        sr_fn: `sr_fn(lr, out_size)`: lr [1, 3, h, w] in [0, 1] -> [1, 3, *out_size] in [0, 1].
+        sr_fn: `sr_fn(lr, window)`: lr [1, 3, h, w] in [0, 1], the LR crop of a block ->
+            [1, 3, *window.size] in [0, 1], the `BlockWindow` of the scene's output (the pixels
+            the whole scene's output has there, so that blocks agree with an untiled run).
         out_size: (H, W) of the output scene.
         bands: 1-based bands fed as R, G, B (`data.raster.parse_bands`); None = 1, 2, 3.
         value_range: (min, max) of the radiometric stretch; None = per-scene 2-98 % percentiles
             (identity for 8 bit).
         cog: write a Cloud-Optimized GeoTIFF with overviews.
         block, overlap: LR block size and the LR pixels each block reads beyond it (even,
-            block >= 2 * overlap).
+            >= 4: a bicubic tap reaches 2 LR pixels; block >= 2 * overlap).
 
     Raises:
         ImageReadError: unreadable input or bad `bands`, naming the file and the fix.
@@ -233,8 +259,8 @@ def super_resolve_raster(
     dst_path = Path(dst_path)
     if not is_raster(dst_path):
         raise ValueError(f"{dst_path}: rasters are written as .tif to keep their georeferencing")
-    if overlap < 0 or overlap % 2 or block < max(16, 2 * overlap):
-        raise ValueError(f"block {block}, overlap {overlap}: need an even overlap >= 0 and "
+    if overlap < 4 or overlap % 2 or block < max(16, 2 * overlap):
+        raise ValueError(f"block {block}, overlap {overlap}: need an even overlap >= 4 and "
                          "block >= max(16, 2 * overlap)")  # fmt: skip
     with open_raster(src_path) as src:
         profile = output_profile(src, out_size)
@@ -275,11 +301,14 @@ def _stream(src, dst, sr_fn: SrFn, bands, stretch: Stretch, block: int, overlap:
     cols = block_spans(src.width, dst.width, block, overlap)
     strip = np.zeros((src.count, max(r.stop - r.final for r in rows), dst.width), np.float32)
     masked = has_mask(src)
-    fill = nodata_fill(src) if masked else None
+    fill = nodata_fill(src) if masked or _floats(src) else None  # also for NaN / inf pixels
+    lr_size, out_size = (src.height, src.width), (dst.height, dst.width)
     for ys in rows:
         carry = None
         for xs in cols:
-            acc = _block(src, sr_fn, bands, stretch, fill, ys, xs)  # [C, ys, xs weighted range]
+            window = BlockWindow(lr_size, out_size, (ys.read[0], xs.read[0]),
+                                 (ys.start, ys.stop), (xs.start, xs.stop))  # fmt: skip
+            acc = _block(src, sr_fn, bands, stretch, fill, ys, xs, window)  # [C, *window.size]
             if carry is not None:
                 acc[:, :, : xs.blended - xs.start] += carry
             top, keep, done = ys.blended - ys.start, xs.final - xs.start, ys.final - ys.start
@@ -289,35 +318,31 @@ def _stream(src, dst, sr_fn: SrFn, bands, stretch: Stretch, block: int, overlap:
             carry = acc[:, :, keep:].copy()
 
 
-def _block(src, sr_fn: SrFn, bands, stretch: Stretch, fill, ys: Span, xs: Span) -> np.ndarray:
-    """One block: read (masked pixels set to `fill` [C]), super-resolve, crop to its weighted
-    region and apply the weights."""
+def _block(src, sr_fn: SrFn, bands, stretch: Stretch, fill, ys: Span, xs: Span,
+           out: BlockWindow) -> np.ndarray:  # fmt: skip
+    """One block: read (masked pixels set to `fill` [C]), super-resolve its weighted region
+    `out` on the scene's output grid and apply the weights."""
     window = Window.from_slices(ys.read, xs.read)
-    try:
-        raw = src.read(window=window).astype(np.float32)  # [C, h, w]
-        if fill is not None:
-            masked = src.read_masks(window=window) == 0
-            raw[masked] = np.broadcast_to(fill[:, None, None], raw.shape)[masked]
-    except RasterioError as err:
-        raise ImageReadError(f"cannot read {src.name} at {window}: {err}") from err
-    size = (ys.read_hr[1] - ys.read_hr[0], xs.read_hr[1] - xs.read_hr[0])
-    out = upsample_bands(raw, sr_fn, bands, stretch, size)
-    r0, c0 = ys.start - ys.read_hr[0], xs.start - xs.read_hr[0]
-    out = out[:, r0 : r0 + ys.stop - ys.start, c0 : c0 + xs.stop - xs.start]
-    return out * ys.weight[:, None] * xs.weight[None, :]
+    raw = read_pixels(src, window=window).astype(np.float32)  # [C, h, w]
+    if fill is not None:
+        masked = (read_pixels(src, masks=True, window=window) == 0) | ~np.isfinite(raw)
+        raw[masked] = np.broadcast_to(fill[:, None, None], raw.shape)[masked]
+    values = upsample_bands(raw, sr_fn, bands, stretch, out)
+    return values * ys.weight[:, None] * xs.weight[None, :]
 
 
 def upsample_bands(
-    raw: np.ndarray, sr_fn: SrFn, bands, stretch: Stretch, size: tuple[int, int]
+    raw: np.ndarray, sr_fn: SrFn, bands, stretch: Stretch, window: BlockWindow
 ) -> np.ndarray:
-    """All bands of one block, float32 [C, h, w] -> [C, *size], in the input's units.
+    """All bands of one block's LR crop, float32 [C, h, w] -> [C, *window.size], in the input's
+    units.
 
     The model bands go through `stretch` and `sr_fn` (a band fed to several channels gets their
-    mean); the others are resized bicubically (align_corners=False).
+    mean); the others are resized bicubically (align_corners=False) on the scene's grid.
     """
-    model = [b - 1 for b in bands]
+    model, size = [b - 1 for b in bands], window.size
     lr = torch.from_numpy(stretch.to_unit(raw[model]))[None]  # [1, 3, h, w]
-    sr = sr_fn(lr, size)
+    sr = sr_fn(lr, window)
     if tuple(sr.shape) != (1, 3, *size):
         raise ValueError(f"sr_fn returned {tuple(sr.shape)}, expected {(1, 3, *size)}")
     sr = stretch.from_unit(sr[0].detach().float().clamp(0, 1).cpu().numpy())  # [3, *size]
@@ -326,8 +351,8 @@ def upsample_bands(
         out[band] = sr[[c for c, b in enumerate(model) if b == band]].mean(axis=0)
     others = [b for b in range(raw.shape[0]) if b not in model]
     if others:
-        resized = F.interpolate(torch.from_numpy(raw[others])[None], size=size, mode="bicubic",
-                                align_corners=False)  # fmt: skip
+        resized = resize_crop(torch.from_numpy(raw[others])[None], window.out_size, window.rows,
+                              window.cols, "bicubic", window.offset, window.lr_size)  # fmt: skip
         out[others] = resized[0].numpy()
     return out
 
@@ -336,16 +361,33 @@ def _write_final(src, dst, values: np.ndarray, ys: Span, xs: Span, masked: bool)
     """Write the finished region [C, final - start] of a block, masked where the input is."""
     window = Window(xs.start, ys.start, xs.final - xs.start, ys.final - ys.start)
     valid = None
-    if masked:  # nearest: the LR pixel under each HR pixel centre
+    if masked or _floats(src):  # nearest: the LR pixel under each HR pixel centre
         rows = ((np.arange(ys.start, ys.final) + 0.5) * ys.lr_of_hr).astype(int)
         cols = ((np.arange(xs.start, xs.final) + 0.5) * xs.lr_of_hr).astype(int)
         rows, cols = np.minimum(rows, src.height - 1), np.minimum(cols, src.width - 1)
         lr_window = Window.from_slices((rows[0], rows[-1] + 1), (cols[0], cols[-1] + 1))
-        masks = src.read_masks(window=lr_window)  # [C, h, w], 0 = masked
-        valid = masks[:, rows - rows[0]][:, :, cols - cols[0]] > 0
+
+        def nearest(lr: np.ndarray) -> np.ndarray:  # [C, h, w] LR window -> [C, *window]
+            return lr[:, rows - rows[0]][:, :, cols - cols[0]]
+
+        if masked:
+            valid = nearest(read_pixels(src, masks=True, window=lr_window)) > 0  # 0 = masked
+        alpha = alpha_bands(src)
+        if alpha:  # a mask, not a colour: nearest, in the alpha band's own values
+            values[[b - 1 for b in alpha]] = nearest(
+                read_pixels(src, indexes=alpha, window=lr_window).astype(np.float32)
+            )
+        if _floats(src):  # NaN / inf pixels are data: carried through nearest, not spread
+            lr = nearest(read_pixels(src, window=lr_window))
+            odd = ~np.isfinite(lr)
+            values[odd] = lr[odd]
     write_window(dst, to_dtype(values, valid, dst.dtypes[0], dst.nodata), window)
-    if valid is not None and dst.nodata is None:  # an internal mask, not a nodata value
+    if valid is not None and dst.nodata is None and not alpha_bands(src):  # an internal mask
         dst.write_mask(valid.any(axis=0), window=window)
+
+
+def _floats(src) -> bool:
+    return np.dtype(src.dtypes[0]).kind == "f"
 
 
 def write_window(dst, arr: np.ndarray, window: Window) -> None:

@@ -1,7 +1,9 @@
-"""Helpers of demo.py: held-out images from a user's folder, the time budget, the comparison figure.
+"""Helpers of demo.py: held-out images from a user's folder, the time budget, the result table
+(with each method's high-frequency energy) and the comparison figure.
 
-The figure has one block per image: LR (nearest-upscaled) | bicubic | LDCSR | HR with the PSNR of
-each output, a box around the window of most HR detail, and that window zoomed below.
+The figure has one block per image: LR (nearest-upscaled) | bicubic | sr_kd | LDCSR | stage-1
+reconstruction | HR | uncertainty, each output with its PSNR (panels whose images are absent are
+left out), a box around the window of most HR detail, and that window zoomed below.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data.datasets import flat_names, seeded_split
 from data.transforms import lr_size, resize_bicubic
+from evaluation.spectrum import hf_energy_ratio
 from utils.image_io import list_images, load_image, to_tensor01
 from utils.metrics import crop_border_for, psnr
 
@@ -94,6 +97,49 @@ def _block(panels: list[tuple[str, Image.Image]], box: tuple, zoom_size: int) ->
     return block
 
 
+# (label, image folder under <dataset>/x<s>/) of the figure's output panels, in order
+PANELS = (
+    ("Bicubic", "bicubic"), ("sr_kd", "sr_kd"), ("LDCSR", "sr"),
+    ("Stage 1 (HR latent)", "reconstruction"),
+)  # fmt: skip
+# table rows: (summary method name, label); the reconstruction is an upper bound, not a method
+STORY = (
+    ("Bicubic", "Bicubic"), ("LDCSR (sr_kd)", "sr_kd (condition decoded alone)"),
+    ("LDCSR", "LDCSR (4 steps)"),
+    ("LDCSR stage 1", "stage-1 reconstruction from the HR latent (upper bound, uses the HR)"),
+)  # fmt: skip
+
+
+def hf_ratio(hr_dir: Path, results_dir: Path, folder: str) -> float | None:
+    """Mean over the images of `results_dir/folder` of their energy above a quarter of the
+    Nyquist frequency over the HR's (`evaluation.spectrum.hf_energy_ratio`); None if absent."""
+    files = sorted((results_dir / folder).glob("*.png"))
+    hr_files = {flat: rel for rel, flat in flat_names(list_images(hr_dir)).items()}
+    ratios = []
+    for path in (f for f in files if f.name in hr_files):
+        hr = to_tensor01(load_image(hr_dir / hr_files[path.name]))
+        ratios.append(hf_energy_ratio(to_tensor01(load_image(path)), hr))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def story_table(rows: Sequence[dict]) -> str:
+    """Markdown: per scale, Bicubic, sr_kd, LDCSR and the stage-1 upper bound with PSNR, SSIM and
+    the high-frequency energy ratio (HR = 1) of `rows` (summary rows with `hf_ratio`)."""
+    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    lines = [
+        "| Scale | Method | PSNR | SSIM | HF energy / HR's |",
+        "|---|---|---|---|---|",
+    ]
+    for scale in sorted({r["scale"] for r in rows}):
+        by_method = {r["method"]: r for r in rows if r["scale"] == scale}
+        for method, label in STORY:
+            if (r := by_method.get(method)) is not None:
+                cells = (fmt(r.get("psnr"), "{:.2f}"), fmt(r.get("ssim"), "{:.4f}"),
+                         fmt(r.get("hf_ratio"), "{:.3f}"))  # fmt: skip
+                lines.append(f"| x{scale:g} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_comparison(
     hr_dir: Path, results_dir: Path, scale: float, out_path: Path, num_images: int = 2
 ) -> Path:
@@ -101,7 +147,8 @@ def write_comparison(
 
     Args:
         hr_dir: the evaluated HR folder (flat, PNG names as evaluate() writes them).
-        results_dir: `<eval out>/<dataset>/x<scale>` holding `sr/` and `bicubic/`.
+        results_dir: `<eval out>/<dataset>/x<scale>` holding `sr/`, `bicubic/` and, where
+            evaluated, `sr_kd/`, `reconstruction/` and `uncertainty/<stem>_uncertainty.png`.
         scale: the SR factor of `results_dir` (LR = Pillow bicubic of the HR, as evaluated).
         out_path: PNG to write.
         num_images: blocks in the figure (the first images by name).
@@ -118,12 +165,16 @@ def write_comparison(
     for name in names:
         hr = load_image(hr_dir / hr_files[name])
         lr = resize_bicubic(hr, lr_size((hr.height, hr.width), scale))
-        panels = [(f"LR x{scale:g} (nearest)", lr.resize(hr.size, Image.Resampling.NEAREST))]
-        for label, folder in (("Bicubic", "bicubic"), ("LDCSR", "sr")):
-            out = load_image(results_dir / folder / name)
-            value = float(psnr(to_tensor01(out)[None], to_tensor01(hr)[None], border)[0])
-            panels.append((f"{label} {value:.2f} dB", out))
+        panels = [(f"LR x{scale:g}", lr.resize(hr.size, Image.Resampling.NEAREST))]
+        for label, folder in PANELS:
+            if (results_dir / folder / name).is_file():
+                out = load_image(results_dir / folder / name)
+                value = float(psnr(to_tensor01(out)[None], to_tensor01(hr)[None], border)[0])
+                panels.append((f"{label} {value:.2f}", out))
         panels.append(("HR", hr))
+        unc = results_dir / "uncertainty" / f"{Path(name).stem}_uncertainty.png"
+        if unc.is_file():
+            panels.append(("uncertainty", load_image(unc)))
         window = max(16, math.ceil(min(hr.size) / 3))
         blocks.append(_block(panels, detail_window(hr, window), max(hr.width, 192)))
     figure = Image.new(

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -175,6 +175,7 @@ class Item:
     lr_path: Path | None
     lr_hw: tuple[int, int]
     out_hw: tuple[int, int]
+    file: str = ""  # the input's path relative to its folder: what a failed row names
 
 
 def _item(name: str, path: Path, lr_path, datatype: str, scale: float, min_side: int) -> Item:
@@ -224,10 +225,10 @@ def plan_items(
             if lr_dir and stem(f) not in lr_files:
                 raise EvaluationError(f"{folder / f} has no LR image of the same name in {lr_dir}")
             args = (names[f], folder / f, lr_files.get(stem(f)), datatype, scale, min_side)
-            items.append(_item(*args))
+            items.append(replace(_item(*args), file=f))
         except (EvaluationError, ImageReadError) as err:
             log.warning("image skipped: %s", err)
-            failed.append({"file": names[f], "scale": scale, "status": f"failed: {err}"})
+            failed.append({"file": f, "scale": scale, "status": f"failed: {err}"})
     return items, failed
 
 

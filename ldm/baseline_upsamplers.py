@@ -1,8 +1,11 @@
-"""Upsamplers the paper's ablation compares with its scale-aware one (docs/method.md).
+"""Upsamplers that ablations put in place of the scale-aware one (README, "Ablations").
 
-`LocalImplicitUpsampler`: LIIF-style continuous upsampling (Chen et al., CVPR 2021) without the
-local ensemble; `PixelShuffleUpsampler`: the fixed-scale x4 baseline (conv + PixelShuffle).
-Both share the interface of `ScaleAwareUpsampler`: `(features, out_size) -> image`, `last_layer`.
+The paper's ablations (the authors' modules): `NearestMLPUpsampler` ("w/o CSUM": nearest LR
+feature + relative coordinate -> 2-layer MLP) and `FixedScaleUpsampler` (the fixed x4 baseline:
+two conv + PixelShuffle(2) stages, PReLU, conv). Our own variants: `LocalImplicitUpsampler`
+(LIIF-style, Chen et al., CVPR 2021, without the local ensemble) and `PixelShuffleUpsampler`
+(one conv + PixelShuffle(4)). All share the interface of `ScaleAwareUpsampler`:
+`(features, out_size, window=None) -> image`, `last_layer`, `peak_elements`.
 """
 
 from __future__ import annotations
@@ -117,3 +120,122 @@ class PixelShuffleUpsampler(nn.Module):
         if out.shape[-2:] != out_size:
             out = F.interpolate(out, size=out_size, mode="bicubic", align_corners=False)
         return out
+
+
+class NearestMLPUpsampler(nn.Module):
+    """RGB(q) = f_transfer(cat[f(nearest LR pixel of q), (q - its centre) * (h, w)]) per output
+    pixel q (the authors' `MLP_Interpolate`: no feature unfolding, cell input or ensemble).
+
+    Coordinates are pixel centres in [-1, 1] (align_corners=False); the nearest LR pixel is the
+    one `grid_sample(mode="nearest")` picks (ties round half to even), found per axis with the
+    sampler itself so that it is that pixel on every input size; the relative coordinate is
+    (row, column), scaled by the LR height and width.
+
+    Args:
+        channels: feature width of the SR branch.
+        out_channels: output image channels.
+    """
+
+    def __init__(self, channels: int, out_channels: int = 3):
+        super().__init__()
+        # `f_transfer` is the authors' name (checkpoint compatibility).
+        self.f_transfer = nn.Sequential(
+            nn.Linear(channels + 2, channels), nn.ReLU(True), nn.Linear(channels, out_channels)
+        )
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.f_transfer[-1].weight
+
+    def peak_elements(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1):
+        """Rough count of the float activations alive at once in `forward` (inference)."""
+        out_px = int(out_size[0]) * int(out_size[1])
+        return batch * 2 * self.f_transfer[0].in_features * out_px
+
+    def forward(self, x: torch.Tensor, out_size: Sequence[int], window=None) -> torch.Tensor:
+        """x: [B, C, h, w] -> [B, out_channels, *out_size] (or the output window of a tile: see
+        `ScaleAwareUpsampler.forward`)."""
+        out_size = (int(out_size[0]), int(out_size[1]))
+        if window is None:
+            lr_size, spans, offset = x.shape[-2:], ((0, out_size[0]), (0, out_size[1])), (0, 0)
+        else:
+            lr_size, spans, offset = window.lr_size, (window.rows, window.cols), window.offset
+        (rows, rel_y), (cols, rel_x) = (
+            _nearest_cells(int(n), m, span, x.device)
+            for n, m, span in zip(lr_size, out_size, spans)
+        )
+        feat = x.index_select(2, rows - offset[0]).index_select(3, cols - offset[1])
+        feat = feat.permute(0, 2, 3, 1)  # [B, rows, cols, C]
+        b, nr, nc = feat.shape[:3]
+        rel = torch.stack([rel_y[:, None].expand(nr, nc), rel_x[None, :].expand(nr, nc)], -1)
+        query = torch.cat([feat, rel.to(feat.dtype)[None].expand(b, -1, -1, -1)], dim=-1)
+        step = max(1, CHUNK_PIXELS // nc) if lean() else nr  # bounded activations: row chunks
+        out = torch.cat([self.f_transfer(query[:, r : r + step]) for r in range(0, nr, step)], 1)
+        return out.permute(0, 3, 1, 2)  # [B, out_channels, rows, cols]
+
+
+def _centres(n: int, device) -> torch.Tensor:
+    """The n pixel centres of an axis in [-1, 1], float32 (latent-diffusion's `make_coord`)."""
+    r = 1.0 / n
+    return -1 + r + (2 * r) * torch.arange(n, device=device).float()
+
+
+def _nearest_cells(n: int, m: int, span, device):
+    """Along one axis of n LR / m output pixels, outputs [a, b): the LR pixel `grid_sample`
+    (nearest, align_corners=False) reads for each, and the output's offset from that pixel's
+    centre times n."""
+    q = _centres(m, device)[span[0] : span[1]]
+    grid = torch.stack([q, torch.zeros_like(q)], -1).view(1, 1, -1, 2)  # x = q, y = the one row
+    index_map = torch.arange(n, device=device, dtype=torch.float32).view(1, 1, 1, n)
+    index = F.grid_sample(index_map, grid, mode="nearest", align_corners=False).view(-1).long()
+    return index, (q - _centres(n, device)[index]) * n
+
+
+class FixedScaleUpsampler(nn.Sequential):
+    """The fixed x4 baseline: [conv3x3 (C -> 4C), PixelShuffle(2)] x 2, PReLU(C), conv3x3 (C ->
+    out), as the authors' `PixShuffleUpsampler(scale=4)` (keys `0`, `2`, `4`, `5`).
+
+    It exists at x4 only: any other output size raises a ValueError naming x4.
+
+    Args:
+        channels: feature width of the SR branch.
+        out_channels: output image channels.
+    """
+
+    SCALE = 4
+
+    def __init__(self, channels: int, out_channels: int = 3):
+        super().__init__(
+            nn.Conv2d(channels, 4 * channels, 3, padding=1),
+            nn.PixelShuffle(2),
+            nn.Conv2d(channels, 4 * channels, 3, padding=1),
+            nn.PixelShuffle(2),
+            nn.PReLU(channels),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self[-1].weight
+
+    def peak_elements(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1):
+        """Rough count of the float activations alive at once in `forward` (inference)."""
+        lr_px = int(lr_size[0]) * int(lr_size[1])
+        return batch * 3 * self[0].out_channels * 4 * lr_px
+
+    def forward(self, x: torch.Tensor, out_size: Sequence[int], window=None) -> torch.Tensor:
+        """x: [B, C, h, w] -> [B, out_channels, 4h, 4w] (or a tile's output window: see
+        `ScaleAwareUpsampler.forward`).
+
+        Raises:
+            ValueError: when `out_size` is not exactly 4x the LR size on both axes.
+        """
+        lr_size = tuple(window.lr_size) if window is not None else tuple(x.shape[-2:])
+        out_size = (int(out_size[0]), int(out_size[1]))
+        if out_size != (self.SCALE * lr_size[0], self.SCALE * lr_size[1]):
+            raise ValueError(
+                f"the fixed-scale upsampler supports x{self.SCALE} only: the output size must be "
+                f"{self.SCALE} x the LR size {list(lr_size)}, got {list(out_size)}"
+            )
+        out = super().forward(x)  # [B, out, 4h, 4w]
+        return out if window is None else window.resize(out, "nearest", self.SCALE)

@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.baseline_upsamplers import LocalImplicitUpsampler, PixelShuffleUpsampler
+from ldm.baseline_upsamplers import (
+    FixedScaleUpsampler,
+    LocalImplicitUpsampler,
+    NearestMLPUpsampler,
+    PixelShuffleUpsampler,
+)
 from ldm.blocks import (
     FRU,
     Downsample,
@@ -28,6 +33,8 @@ from ldm.upsampler import ScaleAwareUpsampler, resize_to
 
 UPSAMPLERS = {
     "scale_aware": lambda ch, out: ScaleAwareUpsampler(ch, out, num_levels=4),
+    "mlp_interpolate": NearestMLPUpsampler,
+    "fixed_x4": FixedScaleUpsampler,
     "liif": LocalImplicitUpsampler,
     "pixel_shuffle": PixelShuffleUpsampler,
 }
@@ -135,18 +142,28 @@ class GAPDecoder(nn.Module):
         dropout: ResnetBlock dropout.
         fusion: ablation switch. "modulation" (paper): scale-conditioned `ScaleModulation` of the
             SR features with the latent features; "add": `x + h_k`, no scale input (no
-            `style`/`condition_scale*` parameters).
+            `style`/`condition_scale*` parameters). Ignored without the SR branch.
         refinement: ablation switch. "fru" (paper) or "none" (no refinement blocks).
-        upsampler: ablation switch. "scale_aware" (paper), "liif" (`LocalImplicitUpsampler`) or
-            "pixel_shuffle" (fixed x4, `PixelShuffleUpsampler`).
+        upsampler: ablation switch. "scale_aware" (paper); the paper's ablations
+            "mlp_interpolate" (`NearestMLPUpsampler`) and "fixed_x4" (`FixedScaleUpsampler`);
+            our variants "liif" (`LocalImplicitUpsampler`) and "pixel_shuffle"
+            (`PixelShuffleUpsampler`).
         use_latent: ablation switch. False builds the SR-only baseline: no embedding branch, the
             decoder super-resolves the LR alone (`forward(None, lr, out_size)`).
+        use_sr_branch: ablation switch. False builds the paper's "no SR branch" decoder: no
+            `head`, fusion or FRUs; the upsampler reads the last embedding level's h_k (level 0,
+            resized to the LR size), so LR pixels reach the output only through the bicubic
+            skip.
         modulation_init: initialisation of `condition_scale1/2` (training only; checkpoints are
             unaffected). "default" (paper, the authors' code): PyTorch's Linear init, so a_k, b_k
             start with random signs and about half of the SR features enter the lrelu negated,
             nearly zeroed. "identity": weights 0, biases 1 (a) and 0.1 (b), so the fusion starts
             as ~x + 0.1 h and the SR branch passes through; on a CPU budget of minutes this is
             what lets the tiny configs beat bicubic (README, "It learns").
+        lr_feature_dropout: our option, training only: the probability that a sample's LR
+            features (`head`'s output) are zeroed, so that the decoder must rebuild the detail
+            from the latent (plus the bicubic skip); 0 (the authors'): never. Meant against the
+            SR branch's shortcut around the latent (docs/results.md has what it did).
     """
 
     def __init__(
@@ -165,6 +182,8 @@ class GAPDecoder(nn.Module):
         upsampler: str = "scale_aware",
         use_latent: bool = True,
         modulation_init: str = "default",
+        use_sr_branch: bool = True,
+        lr_feature_dropout: float = 0.0,
     ):
         super().__init__()
         if attn_resolutions:
@@ -177,23 +196,26 @@ class GAPDecoder(nn.Module):
         _check_choice("fusion", fusion, ("modulation", "add"))
         _check_choice("refinement", refinement, ("fru", "none"))
         _check_choice("modulation_init", modulation_init, ("default", "identity"))
-        self.fusion, self.use_latent = fusion, use_latent
+        if not (use_latent or use_sr_branch):
+            raise ValueError("GAPDecoder: use_latent and use_sr_branch cannot both be false")
+        if not use_sr_branch:
+            fusion = "none"  # nothing to fuse: no scale-conditioning parameters either
+        self.fusion, self.use_latent, self.use_sr_branch = fusion, use_latent, use_sr_branch
+        self.lr_feature_dropout = lr_feature_dropout
+        self.ch, self.num_levels = ch, len(ch_mult)
         # Names (`style`, `head`, `FRUList`, `up[i].transfer`, `condition_scale1/2`) are the
         # authors', for checkpoint compatibility.
         if use_latent and fusion == "modulation":
             self.style = ScaleModulation()
-        self.head = nn.Conv2d(in_channels, ch, 3, padding=1)
-        refine = (lambda n: FRU(ch, n)) if refinement == "fru" else (lambda n: nn.Identity())
-        self.FRUList = nn.ModuleList(refine(n) for n in num_sr_modules)
+        if use_sr_branch:
+            self.head = nn.Conv2d(in_channels, ch, 3, padding=1)
+            refine = (lambda n: FRU(ch, n)) if refinement == "fru" else (lambda n: nn.Identity())
+            self.FRUList = nn.ModuleList(refine(n) for n in num_sr_modules)
         self.upsampler = build_upsampler(upsampler, ch, out_ch)
         if use_latent:
             self._build_embedding_branch(ch, ch_mult, num_res_blocks, z_channels, dropout)
             if fusion == "modulation" and modulation_init == "identity":
-                for level in self.up:
-                    nn.init.zeros_(level.condition_scale1.weight)
-                    nn.init.ones_(level.condition_scale1.bias)
-                    nn.init.zeros_(level.condition_scale2.weight)
-                    nn.init.constant_(level.condition_scale2.bias, 0.1)
+                self._init_identity_modulation()
 
     def _build_embedding_branch(self, ch, ch_mult, num_res_blocks, z_channels, dropout) -> None:
         block_in = ch * ch_mult[-1]
@@ -209,37 +231,61 @@ class GAPDecoder(nn.Module):
                 blocks.append(ResnetBlock(block_in, ch * ch_mult[i], dropout))
                 block_in = ch * ch_mult[i]
             level.block = nn.ModuleList(blocks)
-            level.transfer = nn.Conv2d(block_in, ch, 1)
+            if self.use_sr_branch or i == 0:  # without the SR branch only level 0's is read
+                level.transfer = nn.Conv2d(block_in, ch, 1)
             if self.fusion == "modulation":
                 level.condition_scale1 = nn.Linear(1, ch)
                 level.condition_scale2 = nn.Linear(1, ch)
+
+    def _init_identity_modulation(self) -> None:
+        """a_k = 1, b_k = 0.1 at every scale (`modulation_init: identity`)."""
+        for level in self.up:
+            nn.init.zeros_(level.condition_scale1.weight)
+            nn.init.ones_(level.condition_scale1.bias)
+            nn.init.zeros_(level.condition_scale2.weight)
+            nn.init.constant_(level.condition_scale2.bias, 0.1)
 
     @property
     def last_layer(self) -> torch.Tensor:
         return self.upsampler.last_layer
 
+    def authors_unused_keys(self) -> list[str]:
+        """State-dict keys (relative to the decoder) that the authors' module of this ablation
+        holds but never reads, so this decoder does not build them: `style.weight` of the
+        SR-only baseline; without the SR branch, `condition_scale1/2` and the `transfer` convs
+        of levels 1..L-1. Loading drops exactly these names."""
+        keys = [] if self.use_latent else ["style.weight"]
+        if not self.use_sr_branch:
+            for i in range(self.num_levels):
+                names = ["condition_scale1", "condition_scale2"] + (["transfer"] if i else [])
+                keys += [f"up.{i}.{n}.{p}" for n in names for p in ("weight", "bias")]
+        return keys
+
     def latent_features(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Embedding branch before the resize to the LR size: h_k [B, ch, h_z, w_z] per level,
-        in processing order (k = 0 is level L-1)."""
+        in processing order (k = 0 is level L-1); without the SR branch only level 0's."""
         h = self.mid.block_2(self.mid.block_1(self.conv_in(inference_layout(z))))
         feats = []
         for i in reversed(range(len(self.up))):
             level = self.up[i]
             for block in level.block:
                 h = block(h)
-            feats.append(level.transfer(h))
+            if hasattr(level, "transfer"):
+                feats.append(level.transfer(h))
         return feats
 
     def modulations(self, scale: float, like: torch.Tensor) -> list[tuple | None]:
         """(a_k, b_k) [1, ch] per level from the scale s = H_out / h_lr (None without them)."""
-        if not self.use_latent or self.fusion == "add":
-            return [None] * len(self.FRUList)
+        if self.fusion != "modulation" or not self.use_latent:
+            return [None] * self.num_levels
         s = torch.tensor([[float(scale)]], dtype=like.dtype, device=like.device)
         return [(self.up[i].condition_scale1(s), self.up[i].condition_scale2(s)) for i in
                 reversed(range(len(self.up)))]  # fmt: skip
 
     def sr_branch(self, lr: torch.Tensor, feats, scale: float) -> torch.Tensor:
         """`head`, then per level the fusion with h_k and FRU k.
+
+        Without the SR branch: the last h_k (level 0) itself.
 
         Args:
             lr: [B, in, h, w] in [-1, 1].
@@ -249,7 +295,11 @@ class GAPDecoder(nn.Module):
         Returns:
             [B, ch, h, w] features for the upsampler.
         """
+        if not self.use_sr_branch:
+            return feats[-1].to(lr.dtype)
         x = self.head(inference_layout(lr))  # [B, ch, h, w]
+        if self.training and self.lr_feature_dropout > 0:  # our option; training only
+            x = x * (torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.lr_feature_dropout)
         for k, (fru, mod) in enumerate(zip(self.FRUList, self.modulations(scale, x))):
             if feats is not None:
                 feat = feats[k].to(x.dtype)
@@ -266,10 +316,11 @@ class GAPDecoder(nn.Module):
         return out.add_(skip) if lean() else out + skip
 
     def forward(
-        self, z: torch.Tensor | None, lr: torch.Tensor, out_size: Sequence[int]
+        self, z: torch.Tensor | None, lr: torch.Tensor, out_size: Sequence[int], window=None
     ) -> torch.Tensor:
         """z: [B, z, h_z, w_z] (None without latent); lr: [B, 3, h, w] in [-1, 1]
-        -> [B, out_ch, *out_size]."""
+        -> [B, out_ch, *out_size]; with `window` (a block of a larger scene: `lr` is its crop at
+        `window.offset`, see `ScaleAwareUpsampler.forward`) that window of the scene's output."""
         out_size = (int(out_size[0]), int(out_size[1]))
         feats = None
         if self.use_latent:
@@ -277,12 +328,13 @@ class GAPDecoder(nn.Module):
             feats = [
                 F.interpolate(h, size=lr_size, mode="nearest") for h in self.latent_features(z)
             ]
-        x = self.sr_branch(lr, feats, out_size[0] / lr.shape[-2])  # scale s = H_out / h_lr
-        return self.render(x, lr, out_size)
+        lr_height = lr.shape[-2] if window is None else window.lr_size[0]
+        x = self.sr_branch(lr, feats, out_size[0] / lr_height)  # scale s = H_out / h_lr
+        return self.render(x, lr, out_size, window)
 
     def peak_elements(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1):
         """Rough count of the float activations alive at once (inference): those of the
         upsampler, plus the SR branch's at the LR size."""
         lr_px = int(lr_size[0]) * int(lr_size[1])
-        sr_branch = 8 * batch * self.head.out_channels * lr_px
+        sr_branch = 8 * batch * self.ch * lr_px
         return self.upsampler.peak_elements(lr_size, out_size, batch) + sr_branch

@@ -1,4 +1,5 @@
-"""The scale-aware multi-level upsampler of the GAP decoder (paper §2, "Upsampler").
+"""The scale-aware multi-level upsampler of the GAP decoder (docs/method.md, "Stage 1: GAP
+decoder").
 
 Features at the LR size are pixel-shuffled to 2x, 4x and 8x; every level is resized (bilinear) to
 the output size, weighted by a scale-dependent gate and fused by a 1x1-conv MLP to RGB.

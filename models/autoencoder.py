@@ -1,4 +1,5 @@
-"""Stage 1 of LDCSR: the GAP KL-autoencoder trained with L1 + LPIPS + KL + PatchGAN (§2).
+"""Stage 1 of LDCSR: the GAP KL-autoencoder trained with L1 + LPIPS + KL + PatchGAN
+(docs/method.md, "Stage 1 loss").
 
 Manual optimisation alternates the autoencoder and discriminator Adam optimisers on every batch.
 """
@@ -19,7 +20,7 @@ from torchvision.utils import save_image
 
 from ldm.distributions import DiagonalGaussianDistribution
 from models.guard import NonFiniteLossGuard
-from models.inference import run_tiled
+from models.inference import check_output_size, run_tiled
 from utils.checkpoint import load_weights
 from utils.config import instantiate_from_config, to_plain
 from utils.metrics import psnr
@@ -30,9 +31,8 @@ log = logging.getLogger(__name__)
 class AutoencoderKL(pl.LightningModule):
     """GAP KL-autoencoder: `encode(hr, lr)` -> posterior, `decode(z, lr, out_size)` -> HR.
 
-    All images are in model space [-1, 1]. `disc_start` (in the loss config) counts **training
-    batches**, not Lightning's `global_step`, which in manual optimisation advances once per
-    optimiser step, i.e. twice per batch here.
+    All images are in model space [-1, 1]. What `disc_start` (in the loss config) counts is
+    `disc_start_counts` (docs/method.md, "When the GAN starts").
 
     Args:
         encoder_config: `{target, params}` of the GAP encoder (in_channels 6, double_z True).
@@ -55,6 +55,13 @@ class AutoencoderKL(pl.LightningModule):
             (each is skipped without touching the weights).
         encoder_input: ablation switch. "hr_lr" (paper): the encoder sees cat[bicubic_up(LR), HR]
             (in_channels 6); "hr": HR only (in_channels 3).
+        disc_start_counts: what `disc_start` is compared with (`loss_step`): "batches"
+            (Lightning <= 1.5's `global_step`) or "optimizer_steps" (>= 1.6's: two per batch).
+        posterior_logvar_init: our option (initialisation only): the bias of `quant_conv`'s
+            log-variance half, e.g. -10 (posterior std ~0.007 at the start). None (the authors'):
+            PyTorch's default, log-variance ~0: the training latent starts as unit noise around a
+            mean of ~0.1 and, with a KL weight of 1e-6, stays about that noisy for thousands of
+            steps (docs/results.md, "Does the demo's decoder use its latent?").
 
     The SR-only baseline (no latent at all) is `encoder_config: null` with the decoder's
     `use_latent: false`: the decoder is then trained as a plain continuous-scale SR network.
@@ -76,6 +83,8 @@ class AutoencoderKL(pl.LightningModule):
         encoder_input: str = "hr_lr",
         shared_disc_forward: bool = False,
         val_sample_posterior: bool = True,
+        disc_start_counts: str = "batches",
+        posterior_logvar_init: float | None = None,
     ):
         super().__init__()
         encoder_config, decoder_config = to_plain(encoder_config), to_plain(decoder_config)
@@ -83,9 +92,7 @@ class AutoencoderKL(pl.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         # Attribute names are the authors' (checkpoint keys `encoder.*`, `quant_conv.*`, ...).
-        if encoder_input not in ("hr_lr", "hr"):
-            raise ValueError(f"encoder_input must be 'hr_lr' or 'hr', got {encoder_input!r}")
-        self.encoder_input = encoder_input
+        self.encoder_input, self.disc_start_counts = encoder_input, disc_start_counts
         self.decoder = instantiate_from_config(decoder_config)
         self.use_latent = encoder_config is not None
         if self.use_latent != self.decoder.use_latent:
@@ -98,6 +105,8 @@ class AutoencoderKL(pl.LightningModule):
             z_channels = decoder_config["params"]["z_channels"]
             self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
             self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+            if posterior_logvar_init is not None:
+                nn.init.constant_(self.quant_conv.bias[embed_dim:], posterior_logvar_init)
         self.loss = instantiate_from_config(lossconfig) if lossconfig else None
         self.monitor = monitor
         self.shared_disc_forward = shared_disc_forward
@@ -105,9 +114,44 @@ class AutoencoderKL(pl.LightningModule):
         self.learning_rate = 4.5e-6 * 4  # the paper's rate at batch 4, one device
         self.batches_seen = 0  # drives disc_start; saved in the checkpoint
         self.guard = NonFiniteLossGuard(max_skipped_batches)
+        self._check_options()
+        self.register_load_state_dict_pre_hook(self._drop_authors_unused)
         if ckpt_path:
             ignore = tuple(ignore_keys) + (() if self.loss is not None else ("loss.",))
             load_weights(self, ckpt_path, ignore_prefixes=ignore)
+
+    def _check_options(self) -> None:
+        """Choices of `encoder_input` and `disc_start_counts`; the encoder's in_channels must fit
+        `encoder_input` (the authors' "no SR branch" config keeps the paper's 6 and crashes in
+        `encode`)."""
+        for name, choices in (
+            ("encoder_input", ("hr_lr", "hr")),
+            ("disc_start_counts", ("batches", "optimizer_steps")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        expected = 3 if self.encoder_input == "hr" else 6
+        got = self.encoder.conv_in.in_channels if self.use_latent else expected
+        if got != expected:
+            raise ValueError(
+                f"encoder_input {self.encoder_input!r} feeds the encoder {expected} channels: "
+                f"set encoder_config.params.in_channels: {expected} (got {got})"
+            )
+
+    def authors_unused_keys(self) -> list[str]:
+        """State-dict keys that the authors' module of this ablation holds but never reads (not
+        built here; dropped by name when a checkpoint is loaded): the decoder's and, for the
+        SR-only baseline, `encoder.conv_out`, `quant_conv`, `post_quant_conv`."""
+        convs = () if self.use_latent else ("encoder.conv_out", "quant_conv", "post_quant_conv")
+        keys = [f"decoder.{k}" for k in self.decoder.authors_unused_keys()]
+        return keys + [f"{conv}.{p}" for conv in convs for p in ("weight", "bias")]
+
+    def _drop_authors_unused(self, module, state_dict: dict, prefix: str, *args) -> None:
+        """`load_state_dict` pre-hook: removes `authors_unused_keys` (by name) from `state_dict`."""
+        keys = [prefix + k for k in self.authors_unused_keys()]
+        dropped = [k for k in keys if state_dict.pop(k, None) is not None]
+        if dropped:
+            log.info("dropped keys the authors' module never reads: %s", dropped)
 
     # ----------------------------------------------------------------------------- inference API
     def encode(self, hr: torch.Tensor, lr: torch.Tensor) -> DiagonalGaussianDistribution:
@@ -131,6 +175,7 @@ class AutoencoderKL(pl.LightningModule):
         `tiling`: `max_memory`, `tile`, `tile_overlap`, `progress` as in
         `models.inference.run_tiled` (tiled when the estimated memory exceeds `max_memory` GB).
         """
+        check_output_size(self, hr.shape[-2:])
         lr, hr = lr.contiguous() * 2 - 1, hr.contiguous() * 2 - 1  # NCHW: see LDCSR.super_resolve
 
         def untiled() -> torch.Tensor:
@@ -150,9 +195,10 @@ class AutoencoderKL(pl.LightningModule):
         encoder = self.encoder.peak_elements(out_size, batch) if self.use_latent else 0
         return 4 * (max(decoder, encoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
 
-    def decode(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-        """z: [B, embed, h_z, w_z], lr: [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size], unclamped."""
-        return self.decoder(self.post_quant_conv(z), lr, out_size)
+    def decode(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int], window=None):
+        """z: [B, embed, h_z, w_z], lr: [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size], unclamped
+        (with `window`, a block's window of a larger scene: see `GAPDecoder.forward`)."""
+        return self.decoder(self.post_quant_conv(z), lr, out_size, window)
 
     def forward(self, hr: torch.Tensor, lr: torch.Tensor, sample_posterior: bool = True):
         if not self.use_latent:  # SR-only baseline: a zero-KL stand-in posterior
@@ -203,13 +249,12 @@ class AutoencoderKL(pl.LightningModule):
     def _optimizer_step(self, opt, optimizer_idx: int, hr, rec, posterior):
         """Loss `optimizer_idx` (0 autoencoder, 1 discriminator) and, if finite, one step of `opt`.
 
-        `disc_start` is compared with `batches_seen` (training batches): under Lightning >= 1.6
-        `global_step` counts optimiser steps, two per batch here; the authors' Lightning 1.x
-        setup reads as batches. Returns (loss, log dict, whether the step was taken).
+        `disc_start` is compared with `loss_step(optimizer_idx)`. Returns (loss, log dict,
+        whether the step was taken).
         """
         self.toggle_optimizer(opt)
         loss, log_dict = self.loss(
-            hr, rec, posterior, optimizer_idx, self.batches_seen, self.get_last_layer()
+            hr, rec, posterior, optimizer_idx, self.loss_step(optimizer_idx), self.get_last_layer()
         )
         stepped = self.guard.ok(self, loss)
         if stepped:
@@ -219,29 +264,26 @@ class AutoencoderKL(pl.LightningModule):
         self.untoggle_optimizer(opt)
         return loss, log_dict, stepped
 
+    def loss_step(self, optimizer_idx: int) -> int:
+        """The step the loss compares with `disc_start` at batch b (`batches_seen`): b, or with
+        "optimizer_steps" 2b (autoencoder step) and 2b + 1 (discriminator step)."""
+        if self.disc_start_counts == "batches":
+            return self.batches_seen
+        return 2 * self.batches_seen + optimizer_idx
+
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         hr, lr = self.get_input(batch)
         rec, posterior = self(hr, lr, sample_posterior=self.val_sample_posterior)
         scale = float(batch["scale"][0])
-        rec01 = (rec.clamp(-1, 1) + 1) / 2
-        border = math.ceil(scale)
-        bicubic = F.interpolate(
-            batch["lr"], size=hr.shape[-2:], mode="bicubic", align_corners=False
-        )
-        n = hr.shape[0]
-        self.log(
-            "val/psnr", float(psnr(rec01, batch["hr"], border).mean()), sync_dist=True, batch_size=n
-        )
-        self.log(
-            "val/psnr_bicubic",
-            float(psnr(bicubic, batch["hr"], border).mean()),
-            sync_dist=True,
-            batch_size=n,
-        )
+        rec01, border, n = (rec.clamp(-1, 1) + 1) / 2, math.ceil(scale), hr.shape[0]
+        bicubic = F.interpolate(batch["lr"], hr.shape[-2:], mode="bicubic", align_corners=False)
+        for key, img in (("val/psnr", rec01), ("val/psnr_bicubic", bicubic)):
+            value = float(psnr(img, batch["hr"], border).mean())
+            self.log(key, value, sync_dist=True, batch_size=n)
         if self.loss is not None:  # both parts, as the authors log them
             for idx in (0, 1):
                 _, log_val = self.loss(
-                    hr, rec, posterior, idx, self.batches_seen, self.get_last_layer(), split="val"
+                    hr, rec, posterior, idx, self.loss_step(idx), self.get_last_layer(), split="val"
                 )
                 self.log_dict(log_val, sync_dist=True, batch_size=n)
         if batch_idx == 0:

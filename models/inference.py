@@ -41,11 +41,7 @@ from models.scene_stats import SceneStatistics
 from models.tiling import (
     OutputWindow,
     accumulate,
-    axis_map,
-    cut,
     grow,
-    resize_crop,
-    resize_window,
     shrink,
     split_axis,
     tile_grid,
@@ -53,25 +49,89 @@ from models.tiling import (
     trim,
     windows_from,
 )
+from utils.resample import axis_map, cut, resize_crop, resize_window
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TILE = 16  # LR pixels
 
 
+def min_output_side(model: nn.Module) -> int:
+    """Smallest output side the model runs at: `2**levels` px of its condition encoder (stage 2)
+    or encoder (stage 1), a 2-px latent; a 1-px latent breaks GroupNorm in narrow configs."""
+    encoder = getattr(model, "cond_stage_model", None) or getattr(model, "encoder", None)
+    levels = len(getattr(encoder, "down", ()))
+    return 2**levels if levels else 1
+
+
+def check_output_size(model: nn.Module, out_size) -> None:
+    """Raises ValueError naming the size and the fix when an output side is below
+    `min_output_side(model)` (test.py, super_resolve.py and the Python API share this rule)."""
+    least = min_output_side(model)
+    if min(int(out_size[0]), int(out_size[1])) < least:
+        raise ValueError(
+            f"output size {int(out_size[0])}x{int(out_size[1])} is too small for this model: "
+            f"each side must be >= {least} px; use a larger scale (or --size), or a larger image"
+        )
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes of one scene: LR (h, w), output (H, W), latent (H//8, W//8); scale = H / h."""
+    """Sizes of one scene: LR (h, w), output (H, W), latent (H//8, W//8); scale = H / h.
+
+    With `window` (a block of a larger scene whose output size is `out`; `OutputWindow`'s
+    fields), `lr` is the block's LR crop, `out` becomes the crop's share of the scene's output
+    (the size its latent stages run at), `window` an `OutputWindow` and the result
+    (`target`) the window's pixels of the scene's output grid.
+    """
 
     lr: tuple[int, int]
     out: tuple[int, int]
+    window: OutputWindow | None = None
+
+    def __post_init__(self):
+        if self.window is not None:
+            w, scene_out = self.window, self.out
+            share = tuple(round(n * m / s) for n, m, s in zip(self.lr, scene_out, w.lr_size))
+            window = OutputWindow(*(tuple(v) for v in (w.lr_size, scene_out, w.offset)),
+                                  tuple(w.rows), tuple(w.cols))  # fmt: skip
+            object.__setattr__(self, "out", share)
+            object.__setattr__(self, "window", window)
 
     @property
     def latent(self) -> tuple[int, int]:
         return self.out[0] // 8, self.out[1] // 8
 
     @property
+    def scene(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(LR size, output size) of the whole scene."""
+        if self.window is None:
+            return self.lr, self.out
+        return self.window.lr_size, self.window.out_size
+
+    @property
+    def scene_lr(self) -> tuple[int, int]:
+        return self.scene[0]
+
+    @property
     def scale(self) -> float:
-        return self.out[0] / self.lr[0]
+        return self.scene[1][0] / self.scene[0][0]
+
+    @property
+    def target(self) -> tuple[int, int]:
+        """Size of the result: the output, or the block's window."""
+        if self.window is None:
+            return self.out
+        return tuple(b - a for a, b in (self.window.rows, self.window.cols))
+
+    def output_window(self, offset, rows, cols) -> OutputWindow:
+        """The `OutputWindow` of a decoder tile: LR crop at `offset` of `lr`, output `rows` x
+        `cols` of the result, in the scene's coordinates."""
+        if self.window is None:
+            return OutputWindow(self.lr, self.out, tuple(offset), rows, cols)
+        (o0, o1), (r0, c0) = self.window.offset, (self.window.rows[0], self.window.cols[0])
+        shift = lambda ax, d: (ax[0] + d, ax[1] + d)  # noqa: E731
+        return OutputWindow(*self.scene, (o0 + offset[0], o1 + offset[1]), shift(rows, r0),
+                            shift(cols, c0))  # fmt: skip
 
 
 def choose_tile(peak_bytes: int, max_memory: float | None, scale: float, overlap: int) -> int:
@@ -140,17 +200,18 @@ class SceneTiler:
         self._bar = None
 
     # --------------------------------------------------------------------------------- public
-    def super_resolve(self, model, lr: torch.Tensor, out_size, generator=None) -> torch.Tensor:
+    def super_resolve(self, model, lr, out_size, generator=None, window=None) -> torch.Tensor:
         """LDCSR sampling: lr [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size] in [-1, 1] (clamped).
-        Call it under `model.ema_scope()`; `generator` (CPU) seeds x_T and the step noises as in
-        `LDCSR.super_resolve`."""
-        geo = self.geometry(lr, out_size)
+        Call it under `model.ema_scope()`; `generator` (CPU) seeds x_T and the step noises, and
+        `window` makes it a block of a larger scene, as in `LDCSR.super_resolve`."""
+        geo = self.geometry(lr, out_size, window)
         plan, steps = self.plan(geo), model.diffusion.num_timesteps
         total = sum(len(v) for v in plan.values()) + len(plan["unet"]) * (steps - 1)
         with torch.inference_mode(), self._progress(total):
             cond = self.condition(model, lr, geo, plan)
             x_T, noises = draw_noise(cond.shape, steps, generator, cond.device, cond.dtype)
-            denoise = self.denoiser(model.denoiser(geo.lr[0], geo.out, lr.shape[0]), plan["unet"])
+            bound = model.denoiser(geo.scene_lr[0], geo.scene[1], lr.shape[0])
+            denoise = self.denoiser(bound, plan["unet"])
             z0 = model.diffusion.sample(denoise, x_T=x_T, cond=cond, noises=noises)
             ae = model.first_stage_model
             return self.decode(ae, z0 / model.scale_factor, lr, geo, plan).clamp_(-1, 1)
@@ -184,8 +245,8 @@ class SceneTiler:
                 z = self.encode(autoencoder, crop, geo, plan["condition"], posterior=True)
             return self.decode(autoencoder, z, lr, geo, plan).clamp_(-1, 1)
 
-    def geometry(self, lr: torch.Tensor, out_size) -> Geometry:
-        geo = Geometry(tuple(lr.shape[-2:]), (int(out_size[0]), int(out_size[1])))
+    def geometry(self, lr: torch.Tensor, out_size, window=None) -> Geometry:
+        geo = Geometry(tuple(lr.shape[-2:]), (int(out_size[0]), int(out_size[1])), window)
         if min(geo.latent) < 1:
             raise ValueError(f"output size {geo.out} is too small: each side must be >= 8 px")
         return geo
@@ -199,10 +260,17 @@ class SceneTiler:
             grid = tile_grid(geo.latent, (tile,) * 2, (self.latent_overlap,) * 2, align=8)
             lat.append([(grow(w, self.latent_context, geo.latent), w) for w in grid])
         lr_axes = [split_axis(n, self.tile, self.overlap if self.tile < n else 0) for n in geo.lr]
+        (lr_n, out_n), offsets = geo.scene, (0, 0) if geo.window is None else geo.window.offset
         hr_axes = [
-            [to_output_window(a, n, m) for a in ax] for ax, n, m in zip(lr_axes, geo.lr, geo.out)
+            [to_output_window((a + o, b + o), n, m) for a, b in ax]
+            for ax, o, n, m in zip(lr_axes, offsets, lr_n, out_n)
         ]
-        lr_windows, hr_windows = windows_from(*lr_axes, geo.lr), windows_from(*hr_axes, geo.out)
+        if geo.window is not None:  # a block: the scene's windows cut to the block's window
+            for k, (start, stop) in enumerate((geo.window.rows, geo.window.cols)):
+                cut_to = [(max(c, start) - start, min(d, stop) - start) for c, d in hr_axes[k]]
+                kept = [(lw, hw) for lw, hw in zip(lr_axes[k], cut_to) if hw[1] > hw[0]]
+                lr_axes[k], hr_axes[k] = [lw for lw, _ in kept], [hw for _, hw in kept]
+        lr_windows, hr_windows = windows_from(*lr_axes, geo.lr), windows_from(*hr_axes, geo.target)
         decoder = [(grow(lw, self.context, geo.lr), hw) for lw, hw in zip(lr_windows, hr_windows)]
         return {"condition": lat[0], "unet": lat[1], "latent": lat[1], "decoder": decoder}
 
@@ -282,7 +350,7 @@ class SceneTiler:
             return out
 
         stats = SceneStatistics([dec], (ContrastChannelAttention,))
-        return self._tiled(run_tile, plan["decoder"], geo.out, stats, reference_sr, True)
+        return self._tiled(run_tile, plan["decoder"], geo.target, stats, reference_sr, True)
 
     def decode_tile(self, dec, lr, feats, geo: Geometry, crop, win) -> torch.Tensor:
         """SR branch on the LR `crop`, rendered on the HR window `win` -> [B, 3, rows, cols]."""
@@ -294,8 +362,8 @@ class SceneTiler:
             near = [resize_window(cut(f, spans), maps, (spans[0][0], spans[1][0])) for f in feats]
         lr_c = lr[..., r0:r1, c0:c1]
         x = dec.sr_branch(lr_c, near, geo.scale)
-        window = OutputWindow(geo.lr, geo.out, (r0, c0), win.rows, win.cols)
-        return dec.render(x, lr_c, geo.out, window).float()
+        window = geo.output_window((r0, c0), win.rows, win.cols)
+        return dec.render(x, lr_c, window.out_size, window).float()
 
     # -------------------------------------------------------------------------------- helpers
     def _tiled(self, run, tiles, size, stats, reference, windowed: bool = False):

@@ -1,4 +1,5 @@
-"""Stage 2 of LDCSR: 4-step conditional latent diffusion on a frozen GAP autoencoder (§3).
+"""Stage 2 of LDCSR: 4-step conditional latent diffusion on a frozen GAP autoencoder
+(docs/method.md).
 
 Training starts every sample at t = T-1 and unrolls the whole reverse chain with gradients.
 """
@@ -18,7 +19,8 @@ from ldm.diffusion import GaussianDiffusion
 from ldm.ema import LitEma
 from models.autoencoder import save_validation_grid
 from models.guard import NonFiniteLossGuard
-from models.inference import run_tiled
+from models.inference import Geometry, check_output_size, run_tiled
+from models.uncertainty import sample_spread
 from utils.checkpoint import load_weights
 from utils.config import ConfigError, instantiate_from_config, to_plain
 from utils.metrics import psnr, ssim
@@ -148,6 +150,7 @@ class LDCSR(pl.LightningModule):
         out_size: Sequence[int],
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        window=None,
         **tiling,
     ) -> torch.Tensor:
         """LR batch [B, 3, h, w] in [0, 1] -> SR batch [B, 3, *out_size] in [0, 1] (float32).
@@ -163,25 +166,34 @@ class LDCSR(pl.LightningModule):
             out_size: (H, W) of the output.
             generator: seeds x_T and the step noises.
             use_ema: sample with the EMA weights of the UNet (the paper's setting).
+            window: a block of a larger scene (`models.tiling.OutputWindow`'s fields): `lr` is
+                the scene's LR crop at `window.offset`, `out_size` the scene's output size, and
+                the result the window rows x cols of the scene's output grid. The latent stages
+                see the crop (at its share of `out_size`) with the scene's scale and height.
             **tiling: `max_memory` (GB, default 2; None = never tile), `tile` (LR pixels; None =
                 automatic, 0 = untiled), `tile_overlap` (16), `precision` ("fp32", "bf16",
                 "fp16") and `progress`, as in `models.inference.run_tiled`.
         """
         out_size = (int(out_size[0]), int(out_size[1]))
+        check_output_size(self, out_size)
         # NCHW whatever the caller's layout (a PIL image's tensor is channels-last), so that the
         # result does not depend on it: the layout picks the convolutions' summation order.
         lr = lr.contiguous() * 2 - 1
+        geo = Geometry(tuple(lr.shape[-2:]), out_size, window)
 
         def untiled() -> torch.Tensor:
-            z0 = self.sample_latent(lr, out_size, generator=generator)
-            return self.decode_latent(z0, lr, out_size).add_(1).div_(2)
+            cond = self.encode_condition(lr, geo.out)
+            denoise = self.denoiser(geo.scene_lr[0], out_size, lr.shape[0])
+            z0 = self.diffusion.sample(denoise, cond=cond, generator=generator, shape=cond.shape)
+            sr = self.first_stage_model.decode(z0 / self.scale_factor, lr, out_size, geo.window)
+            return sr.clamp_(-1, 1).add_(1).div_(2)
 
         def tiled(tiler) -> torch.Tensor:
-            return tiler.super_resolve(self, lr, out_size, generator).add_(1).div_(2)
+            return tiler.super_resolve(self, lr, out_size, generator, window).add_(1).div_(2)
 
-        peak = self.peak_bytes(lr.shape[-2:], out_size, lr.shape[0])
+        peak = self.peak_bytes(lr.shape[-2:], geo.out, lr.shape[0])
         with self.ema_scope(use_ema):
-            return run_tiled(untiled, tiled, peak, out_size[0] / lr.shape[-2], lr, **tiling)
+            return run_tiled(untiled, tiled, peak, geo.scale, lr, **tiling)
 
     def peak_bytes(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1) -> int:
         """Rough peak activation memory of an untiled `super_resolve`, from this model's widths:
@@ -197,6 +209,7 @@ class LDCSR(pl.LightningModule):
         """The authors' `sr_kd`: the condition encoding decoded as if it were the sampled latent,
         [0, 1] in and out; in bounded memory (`tiling` as in `super_resolve`)."""
         out_size = (int(out_size[0]), int(out_size[1]))
+        check_output_size(self, out_size)
         lr = lr.contiguous() * 2 - 1
 
         def untiled() -> torch.Tensor:
@@ -208,6 +221,13 @@ class LDCSR(pl.LightningModule):
 
         peak = self.peak_bytes(lr.shape[-2:], out_size, lr.shape[0])
         return run_tiled(untiled, tiled, peak, out_size[0] / lr.shape[-2], lr, **tiling)
+
+    def super_resolve_samples(self, lr, out_size, seeds: Sequence[int], **options):
+        """`super_resolve` once per seed -> (the sample of `seeds[0]` [B, 3, *out_size], the
+        uncertainty map [B, 1, *out_size]: per-pixel std over the samples, mean over channels),
+        both in [0, 1] (`models.uncertainty.sample_spread`); `options` as in `super_resolve`."""
+        draw = lambda g: self.super_resolve(lr, out_size, generator=g, **options)  # noqa: E731
+        return sample_spread(draw, seeds)
 
     @contextmanager
     def ema_scope(self, enabled: bool = True):

@@ -63,8 +63,13 @@ def load_sr_model(checkpoint: str | Path, config: Any = None, map_location="cpu"
             f"{checkpoint} is not a stage-2 (diffusion) checkpoint; for a stage-1 autoencoder "
             "use test.py --first-stage or models.load_first_stage_model"
         )
-    model_cfg = find_config(checkpoint, ckpt, config)["model"]
+    model_cfg = _model_config(checkpoint, ckpt, config)
     params = dict(model_cfg.get("params") or {})
+    if "first_stage_config" not in params:
+        raise ConfigError(
+            f"the config of {checkpoint} (target {model_cfg.get('target')}) is not a stage-2 "
+            "config (no first_stage_config); pass the stage-2 YAML it was trained with"
+        )
     first = dict(params["first_stage_config"])
     # The checkpoint carries the stage-1 weights: do not read (or require) the stage-1 file.
     first["params"] = {**first.get("params", {}), "ckpt_path": None}
@@ -82,12 +87,29 @@ def load_first_stage_model(checkpoint: str | Path, config: Any = None, map_locat
     `first_stage_model`) in eval mode, without its training loss."""
     ckpt = read_checkpoint(checkpoint, map_location)
     state = ckpt["state_dict"]
-    model_cfg = find_config(checkpoint, ckpt, config)["model"]
+    model_cfg = _model_config(checkpoint, ckpt, config)
     if any(k.startswith("first_stage_model.") for k in state):
-        model_cfg = model_cfg["params"]["first_stage_config"]
+        # a stage-2 checkpoint: its stage-2 config holds the stage-1 block (a stage-1 YAML is it)
+        model_cfg = (model_cfg.get("params") or {}).get("first_stage_config") or model_cfg
         prefix = "first_stage_model."
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     params = {**model_cfg.get("params", {}), "lossconfig": None, "ckpt_path": None}
     model = instantiate_from_config({"target": model_cfg["target"], "params": params})
-    load_state(model, state, ignore_prefixes=("loss.",), source=str(checkpoint))
+    missing, _ = load_state(model, state, ignore_prefixes=("loss.",), source=str(checkpoint))
+    if len(missing) == len(model.state_dict()):
+        raise ConfigError(
+            f"{checkpoint} holds none of the stage-1 autoencoder's weights (a checkpoint of "
+            "another model?); give a train.py checkpoint of either stage or the authors' release"
+        )
     return model.eval().to(map_location)
+
+
+def _model_config(checkpoint, ckpt: dict, config: Any) -> dict:
+    """The `model` block of `find_config`, or a ConfigError naming the config that has none."""
+    model_cfg = find_config(checkpoint, ckpt, config).get("model")
+    if not isinstance(model_cfg, dict) or "target" not in model_cfg:
+        raise ConfigError(
+            f"the config of {checkpoint} has no model: target/params block; pass the YAML the "
+            "checkpoint was trained with (--config)"
+        )
+    return model_cfg

@@ -2,9 +2,8 @@
 
 A scene is cut into overlapping windows along each axis; a window's output is weighted by cosine
 ramps across its overlaps, and the weights of all windows are normalised to sum to one, so tiles
-cross-fade and the result needs no weight map. `resize_window` computes any window of a global
-`F.interpolate` (nearest / bilinear / bicubic, align_corners=False) from a crop of its input, so a
-tile is resampled on the whole scene's pixel grid whatever the scale (non-integer, asymmetric).
+cross-fade and the result needs no weight map. `OutputWindow` resamples a tile on the whole
+scene's pixel grid whatever the scale (`utils.resample`: crop-exact windows of `F.interpolate`).
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from utils.resample import resize_crop
 
 
 def align_down(value: int, align: int) -> int:
@@ -122,96 +122,6 @@ def windows_from(rows: list[tuple[int, int]], cols: list[tuple[int, int]], size)
     return [Window(r, c, wr, wc) for r, wr in axes[0] for c, wc in axes[1]]
 
 
-# ------------------------------------------------------------------------ crop-exact resampling
-@dataclass(frozen=True)
-class AxisMap:
-    """Taps of a 1-D resize: output position i = sum_k weight[k, i] * input[index[k, i]]."""
-
-    index: torch.Tensor  # [K, n_out] long, global input positions
-    weight: torch.Tensor  # [K, n_out] float64
-
-    @property
-    def span(self) -> tuple[int, int]:
-        """Input range [lo, hi) that the taps read."""
-        return int(self.index.min()), int(self.index.max()) + 1
-
-
-def axis_map(in_size: int, out_size: int, mode: str, start: int = 0, stop: int | None = None):
-    """The taps of `F.interpolate(..., mode, align_corners=False)` for outputs [start, stop).
-
-    Follows PyTorch's kernels: `src = (in/out) * (i + 0.5) - 0.5` (clamped at 0 except for
-    bicubic); bilinear reads floor(src) and the next sample; bicubic reads 4 samples with the
-    A = -0.75 cubic convolution, clamping indices at the border; nearest reads floor(i * in/out)
-    (taken from `F.interpolate` itself so that its float rounding is identical).
-
-    Returns:
-        An `AxisMap` with K = 1, 2 or 4 taps per output.
-    """
-    stop = out_size if stop is None else stop
-    i = torch.arange(start, stop, dtype=torch.float64)
-    if mode == "nearest":
-        src = torch.arange(in_size, dtype=torch.float32)[None, None, :, None]
-        idx = F.interpolate(src, size=(out_size, 1), mode="nearest")[0, 0, start:stop, 0]
-        return AxisMap(idx.long()[None], torch.ones(1, stop - start, dtype=torch.float64))
-    # PyTorch's CPU kernels: float32 scale, src = fma(scale, i + 0.5, -0.5) rounded to float32.
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32).double()
-    src = (scale * (i + 0.5) - 0.5).float().double()
-    if mode == "bilinear":
-        src = src.clamp(min=0)
-        i0 = src.floor().clamp(max=in_size - 1)
-        t = (src - i0).clamp(0, 1)
-        i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
-        return AxisMap(torch.stack([i0, i1]).long(), torch.stack([1 - t, t]))
-    if mode == "bicubic":
-        i0 = src.floor()
-        t = src - i0
-        a = -0.75
-        x1, x2 = t + 1, 1 - t
-        weight = torch.stack(
-            [
-                ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a,
-                ((a + 2) * t - (a + 3)) * t * t + 1,
-                ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1,
-                ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a,
-            ]
-        )
-        index = torch.stack([i0 - 1 + k for k in range(4)]).clamp(0, in_size - 1)
-        return AxisMap(index.long(), weight)
-    raise ValueError(f"unsupported resize mode {mode!r} (nearest, bilinear, bicubic)")
-
-
-def resize_window(
-    x: torch.Tensor, maps: tuple[AxisMap, AxisMap], offset: tuple[int, int] = (0, 0)
-) -> torch.Tensor:
-    """Resample a crop of a global input to a window of the global resize.
-
-    Args:
-        x: [B, C, h, w] crop of the global input whose top-left pixel is at `offset`.
-        maps: row and column `AxisMap`s (global input positions) of the output window.
-        offset: global (row, col) of `x[..., 0, 0]`; every tap must fall inside the crop.
-
-    Returns:
-        [B, C, n_rows, n_cols], equal to the window of the global `F.interpolate` (up to float
-        rounding: the taps are summed in a different order).
-    """
-    for dim, amap, off in ((2, maps[0], offset[0]), (3, maps[1], offset[1])):
-        index = amap.index - off
-        if int(index.min()) < 0 or int(index.max()) >= x.shape[dim]:
-            raise ValueError(
-                f"crop [{off}, {off + x.shape[dim]}) misses input positions {amap.span} "
-                "needed by the output window"
-            )
-        weight = amap.weight.to(device=x.device, dtype=x.dtype)
-        shape = [1] * x.ndim
-        shape[dim] = -1
-        out = None
-        for idx, w in zip(index.to(x.device), weight):  # tap by tap: two temporaries at most
-            tap = x.index_select(dim, idx)
-            out = tap.mul_(w.view(shape)) if out is None else out.addcmul_(tap, w.view(shape))
-        x = out
-    return x
-
-
 # ------------------------------------------------------------------------ tile bookkeeping
 def shrink(size, pixels: int) -> tuple[int, int]:
     """`size` scaled down (aspect kept) to at most `pixels` pixels; unchanged if it fits."""
@@ -231,35 +141,11 @@ def to_output_window(window: tuple[int, int], n: int, n_out: int) -> tuple[int, 
     return (0 if a == 0 else round(a * n_out / n), n_out if b == n else round(b * n_out / n))
 
 
-def cut(x: torch.Tensor, box, memory_format=None) -> torch.Tensor:
-    """x[..., r0:r1, c0:c1] for box ((r0, r1), (c0, c1)), optionally made contiguous."""
-    (r0, r1), (c0, c1) = box
-    x = x[..., r0:r1, c0:c1]
-    return x if memory_format is None else x.contiguous(memory_format=memory_format)
-
-
 def trim(x: torch.Tensor, box, win: Window) -> torch.Tensor:
     """The part of the output of a crop `box` ((r0, r1), (c0, c1)) that lies in `win`."""
     (r0, _), (c0, _) = box
     (a, b), (c, d) = win.rows, win.cols
     return x[..., a - r0 : b - r0, c - c0 : d - c0]
-
-
-def resize_crop(x, out_size, rows, cols, mode, offset=(0, 0), in_size=None) -> torch.Tensor:
-    """Window rows x cols of `F.interpolate(global, out_size, mode)`; `x` is the global input's
-    crop at `offset` (the whole input when `in_size` is None)."""
-    in_size = tuple(x.shape[-2:]) if in_size is None else tuple(in_size)
-    full = tuple(x.shape[-2:]) == in_size
-    if full and rows == (0, out_size[0]) and cols == (0, out_size[1]):
-        return F.interpolate(x, size=tuple(out_size), mode=mode, align_corners=False)
-    maps = (
-        axis_map(in_size[0], out_size[0], mode, *rows),
-        axis_map(in_size[1], out_size[1], mode, *cols),
-    )
-    if full and offset == (0, 0):  # crop to what the window reads
-        spans = [m.span for m in maps]
-        x, offset = cut(x, spans), (spans[0][0], spans[1][0])
-    return resize_window(x, maps, offset)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
-"""Shared test fixtures: the repo on sys.path, ../shared paths, tiny configs."""
+"""Shared test fixtures: the repo on sys.path, ../shared paths, tiny configs, and no network: the
+suite is offline, so a test process that connects a socket (or resolves a name) beyond the
+loopback interface gets `NetworkBlockedError`."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -13,6 +17,52 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+SUBPROCESS_TIMEOUT = 900  # s: generous, for a busy 2-core machine; never a speed check
+
+
+class NetworkBlockedError(ConnectionError):
+    """A test tried to reach the network (the suite must run offline)."""
+
+
+def is_loopback(host) -> bool:
+    """True for a local name or address: "localhost", 127.0.0.0/8, ::1, or no host at all."""
+    if host in (None, "", "localhost", b"localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.decode() if isinstance(host, bytes) else host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs offline: connecting to, or resolving, a non-loopback address raises
+    `NetworkBlockedError` (Unix sockets and loopback stay usable)."""
+    connect, connect_ex, getaddrinfo = (
+        socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+    )  # fmt: skip
+
+    def check(address) -> None:
+        if isinstance(address, tuple) and not is_loopback(address[0]):
+            raise NetworkBlockedError(f"the test suite is offline: a test tried to reach {address}")
+
+    def guarded_connect(sock, address):
+        check(address)
+        return connect(sock, address)
+
+    def guarded_connect_ex(sock, address):
+        check(address)
+        return connect_ex(sock, address)
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        check((host, 0))
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
 
 def shared_path(*parts: str) -> Path:

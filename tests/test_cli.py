@@ -39,11 +39,11 @@ def test_help_texts_show_each_default_once_and_keep_example_line_breaks():
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, SUBPROCESS_TIMEOUT
 
     env = {"COLUMNS": "200", "PATH": "", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", _HELP, *ENTRY_POINTS], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     helps = json.loads(proc.stdout.splitlines()[-1])
     for script in ENTRY_POINTS:

@@ -402,12 +402,44 @@ def test_paper_configs_validate_on_the_authors_two_images(tmp_path, config, fold
     from utils.config import instantiate_from_config
 
     for split in ("train", "val"):
-        for i in range(4):
-            write_rgb(tmp_path / split / "HR" / f"{split}{i}.png", 384, 384, seed=i)
+        for i in (1, 2, 10, 11):  # natural order 1, 2, 10, 11; string order 1, 10, 11, 2
+            write_rgb(tmp_path / split / "HR" / f"{split}_{i}.png", 384, 384, seed=i)
     cfg = OmegaConf.load(REPO / "configs" / f"{config}.yaml")
     cfg.merge_with_dotlist([f"data.params.data_root={tmp_path}", "data.params.num_workers=0"])
     dm = instantiate_from_config(cfg.data)
     dm.setup("fit")
     val = dm.datasets["validation"]
-    assert [str(f) for f in val.images.files] == [f"{folder}0.png", f"{folder}1.png"]
+    assert [str(f) for f in val.images.files] == [f"{folder}_1.png", f"{folder}_2.png"]
     assert val.scale == 4.0
+    cfg.merge_with_dotlist(["data.params.validation.params.file_order=string"])  # our old order
+    dm = instantiate_from_config(cfg.data)
+    dm.setup("fit")
+    files = dm.datasets["validation"].images.files
+    assert [str(f) for f in files] == [f"{folder}_1.png", f"{folder}_10.png"]
+
+
+def test_file_order_natural_is_natsort_and_string_is_sorted(tmp_path):
+    import natsort
+
+    names = ["airport_10.png", "airport_2.png", "Park/park_1.png", "airport_1.png", "b_03.png"]
+    for i, name in enumerate(names):
+        write_rgb(tmp_path / name, 8, 8, seed=i)
+    natural = ImageFolder(tmp_path).files
+    assert natural == natsort.natsorted(names)  # the authors' order (their data/base.py)
+    assert natural[:3] == ["Park/park_1.png", "airport_1.png", "airport_2.png"]
+    assert ImageFolder(tmp_path, file_order="string").files == sorted(names)
+    assert ImageFolder(tmp_path, first_k=2).files == natural[:2]
+    with pytest.raises(ValueError, match="file_order"):
+        ImageFolder(tmp_path, file_order="natsort")
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_swap_rb_exchanges_red_and_blue_for_the_authors_prepared_data(tmp_path, cache):
+    write_rgb(tmp_path / "a.png", 20, 16)
+    plain = FixedScaleDataset(tmp_path, scale=2, cache=cache)[0]
+    swapped = FixedScaleDataset(tmp_path, scale=2, cache=cache, swap_rb=True)[0]
+    for key in ("hr", "lr"):
+        assert not torch.equal(plain[key], swapped[key])
+        assert torch.equal(plain[key].flip(0), swapped[key])  # R <-> B, G kept
+    train = MultiScaleTrainDataset(tmp_path, lr_size=4, max_scale=2.0, swap_rb=True)
+    assert train.images.swap_rb and not MultiScaleTrainDataset(tmp_path, lr_size=4).images.swap_rb

@@ -30,16 +30,26 @@ def demo_run(tmp_path_factory):
 def test_demo_trains_evaluates_and_draws_the_figure(demo_run):
     rows = json.loads((demo_run / "summary.json").read_text())["rows"]
     found = {(r["method"], r["scale"]) for r in rows}
-    assert found == {(m, s) for m in ("LDCSR", "Bicubic") for s in (2.0, 4.0)}
+    methods = ("LDCSR", "LDCSR (sr_kd)", "Bicubic", "LDCSR stage 1")
+    assert found == {(m, s) for m in methods for s in (2.0, 4.0)}
     assert all(r["images"] == 2 and r["psnr"] > 10 for r in rows)
+    x4 = demo_run / "eval" / "scenes_heldout" / "x4"
+    assert len(list((x4 / "uncertainty").glob("*_uncertainty.tif"))) == 2  # the largest scale
+    assert not (demo_run / "eval" / "scenes_heldout" / "x2" / "uncertainty").exists()
+    assert len(list((x4 / "reconstruction").glob("*.png"))) == 2
     for stage in ("stage1", "stage2"):
         assert (demo_run / stage / "checkpoints" / "last.ckpt").is_file()
     assert len(list((demo_run / "data" / "scenes_train").glob("*.png"))) == 4
     sr = sorted((demo_run / "eval" / "scenes_heldout" / "x4" / "sr").glob("*.png"))
     assert len(sr) == 2 and Image.open(sr[0]).size == (48, 48)
     figure = Image.open(demo_run / "comparison.png")
-    assert figure.width >= 4 * 48 and figure.height >= 2 * 48  # 4 panels, 2 image blocks
-    assert "| LDCSR | scenes_heldout | 4 |" in (demo_run / "summary.md").read_text()
+    assert figure.width >= 7 * 48 and figure.height >= 2 * 48  # 7 panels, 2 image blocks
+    table = (demo_run / "summary.md").read_text()
+    for label in ("Bicubic", "sr_kd (condition", "LDCSR (4 steps)", "stage-1 reconstruction"):
+        assert table.count(f"| {label}") == 2, label  # one row per scale
+    assert "(upper bound" in table
+    hf = [float(line.split("|")[-2]) for line in table.splitlines() if line.startswith("| x4")]
+    assert len(hf) == 4 and all(0 < v < 10 for v in hf)  # high-frequency energy over the HR's
 
 
 def test_rerun_reuses_the_trained_stages(demo_run, caplog):
@@ -88,3 +98,18 @@ def test_threads_follow_the_idle_cores(monkeypatch):
     assert demo.pick_threads(0) == cores
     monkeypatch.setattr(demo, "busy_cores", lambda: cores + 1.0)
     assert demo.pick_threads(0) == 1
+
+
+def test_high_frequency_energy_ratio_of_blurred_and_sharpened_images():
+    import torch
+    import torch.nn.functional as F
+
+    from evaluation.spectrum import hf_energy_ratio, radial_power
+
+    hr = torch.rand(3, 64, 48, generator=torch.Generator().manual_seed(0))
+    blurred = F.avg_pool2d(hr[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+    assert hf_energy_ratio(hr, hr) == pytest.approx(1.0)
+    assert hf_energy_ratio(blurred, hr) < 0.5 < 1.5 < hf_energy_ratio(hr, blurred)
+    assert hf_energy_ratio(hr + 0.3, hr) == pytest.approx(1.0)  # brightness is not detail
+    power, radius = radial_power(hr)
+    assert power.shape == radius.shape == (64, 25) and radius.max() == pytest.approx(0.5**0.5)

@@ -16,16 +16,21 @@ from utils.metrics import (
     frechet_distance,
     lpips_distance,
     psnr,
+    psnr_pyiqa,
     quantize,
     ssim,
+    ssim_pyiqa,
 )
 from utils.weights import (
     FID_WEIGHTS_URL,
     WEIGHTS,
+    MissingPackageError,
     MissingWeightsError,
     build_inception,
     build_lpips,
+    build_pyiqa_metric,
     missing_weights_message,
+    pyiqa_weights_path,
     weights_available,
 )
 
@@ -204,3 +209,52 @@ def test_missing_weights_error_names_file_and_folder(tmp_path, monkeypatch):
         assert WEIGHTS[name].url in missing_weights_message(name)
     write_random_weights(tmp_path, ["alexnet"])
     assert weights_available("alexnet")
+
+
+def test_paper_psnr_is_rgb_psnr_without_crop(pairs):
+    """pyiqa's psnr = 10 log10(1 / (mse + 1e-8)) on k/255 values: the plain RGB PSNR of the
+    whole uint8 image up to the 1e-8 (80 dB for identical images, not inf)."""
+    for sr, hr in pairs:
+        a, b = (quantize(x).double().numpy() for x in (sr, hr))
+        plain = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
+        assert abs(psnr_pyiqa(sr, hr).item() - plain) < 1e-3
+        assert abs(psnr_pyiqa(sr, hr).item() - psnr(sr, hr, crop_border_for(SCALE)).item()) > 1e-3
+    sr, hr = pairs[0]
+    assert psnr_pyiqa(hr, hr).item() == pytest.approx(80.0)
+    luma = np.array([0.299, 0.587, 0.114])
+    a, b = (quantize(x).permute(1, 2, 0).double().numpy() / 255 @ luma for x in (sr, hr))
+    y_psnr = 10 * np.log10(1 / (np.mean((a - b) ** 2) + 1e-8))
+    assert psnr_pyiqa(sr, hr, test_y=True).item() == pytest.approx(y_psnr, abs=1e-5)
+    batch = [torch.stack(x) for x in zip(*pairs)]
+    assert torch.allclose(psnr_pyiqa(*batch), torch.stack([psnr_pyiqa(*p) for p in pairs]))
+    assert torch.allclose(ssim_pyiqa(*batch), torch.stack([ssim_pyiqa(*p) for p in pairs]))
+    assert ssim_pyiqa(hr, hr).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["psnr", "psnry", "ssim"])
+def test_paper_metrics_equal_pyiqa(pairs, name):
+    """Our pure-compute `paper` metrics against pyiqa's own (they need no weights)."""
+    pyiqa = pytest.importorskip("pyiqa", reason="pyiqa is optional (see README, Evaluation)")
+    metric = pyiqa.create_metric(name, device="cpu")
+    ours = {"psnr": psnr_pyiqa, "psnry": lambda a, b: psnr_pyiqa(a, b, True), "ssim": ssim_pyiqa}
+    for sr, hr in pairs:
+        sr8, hr8 = (quantize(x).float()[None] / 255 for x in (sr, hr))  # the uint8 files' values
+        assert ours[name](sr, hr).item() == pytest.approx(metric(sr8, hr8).item(), abs=1e-5)
+
+
+def test_pyiqa_metrics_without_pyiqa_name_the_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "pyiqa", None)  # as if not installed
+    with pytest.raises(MissingPackageError, match=r"niqe.*pip install --no-deps pyiqa"):
+        build_pyiqa_metric("niqe")
+
+
+def test_pyiqa_weights_offline_message(tmp_path, monkeypatch):
+    pytest.importorskip("pyiqa", reason="pyiqa is optional (see README, Evaluation)")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _blocked_download)
+    assert pyiqa_weights_path("brisque") == tmp_path / "hub" / "pyiqa" / "brisque_svm_weights.pth"
+    with pytest.raises(MissingWeightsError) as err:
+        build_pyiqa_metric("brisque")
+    message = str(err.value)
+    assert "brisque_svm_weights.pth" in message and str(tmp_path / "hub" / "pyiqa") in message
+    assert "huggingface.co/chaofengc/IQA-PyTorch-Weights" in message

@@ -212,3 +212,47 @@ def test_paper_scale_factor_is_one_over_std_of_an_hr_hr_posterior_sample(monkeyp
         instantiate_from_config(
             _paper("second_stage_van_v4.yaml", "model.params.scale_by_std_input=hr").model
         )
+
+
+def test_posterior_logvar_init_sets_only_the_log_variance_bias():
+    """Our option (docs/departures.md): the posterior starts nearly deterministic; default as the
+    authors' (PyTorch's init, log-variance ~0: training samples are mostly unit noise)."""
+    params = tiny_config(1).model.params
+    torch.manual_seed(0)
+    default = instantiate_from_config(
+        {"target": "models.autoencoder.AutoencoderKL", "params": params}
+    )
+    torch.manual_seed(0)
+    params = OmegaConf.merge(params, {"posterior_logvar_init": -10.0})
+    sharp = instantiate_from_config(
+        {"target": "models.autoencoder.AutoencoderKL", "params": params}
+    )
+    embed = params.embed_dim
+    assert torch.equal(sharp.quant_conv.bias[embed:], torch.full((embed,), -10.0))
+    assert torch.equal(sharp.quant_conv.bias[:embed], default.quant_conv.bias[:embed])
+    assert default.quant_conv.bias.abs().max() < 1  # the authors' init: log-variance near 0
+    hr = torch.rand(1, 3, 32, 32) * 2 - 1
+    lr = torch.nn.functional.interpolate(hr, size=(16, 16), mode="area")
+    with torch.no_grad():
+        assert sharp.encode(hr, lr).std.max() < 0.05 < default.encode(hr, lr).std.min()
+
+
+def test_lr_feature_dropout_zeroes_whole_samples_in_training_only():
+    decoder_config = tiny_config(1).model.params.decoder_config
+    torch.manual_seed(0)
+    build = lambda p: instantiate_from_config(  # noqa: E731
+        OmegaConf.merge(decoder_config, {"params": {"lr_feature_dropout": p}})
+    )
+    full, plain = build(1.0), build(0.0)
+    plain.load_state_dict(full.state_dict())
+    g = torch.Generator().manual_seed(0)
+    z, lr = torch.randn(4, 4, 3, 3, generator=g), torch.rand(4, 3, 12, 12, generator=g) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(full.eval()(z, lr, (24, 24)), plain.eval()(z, lr, (24, 24)))
+        full.train()
+        dropped = full(z, lr, (24, 24))  # every sample: the LR reaches it only by the skip
+        lr_other = torch.rand(4, 3, 12, 12, generator=g) * 2 - 1
+        skip = lambda x: torch.nn.functional.interpolate(x, (24, 24), mode="bicubic")  # noqa: E731
+        moved = full(z, lr_other, (24, 24)) - skip(lr_other)
+        assert torch.allclose(dropped - skip(lr), moved, atol=1e-5)
+        assert not torch.allclose(plain.train()(z, lr, (24, 24)), dropped, atol=1e-3)

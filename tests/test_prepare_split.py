@@ -13,6 +13,7 @@ from PIL import Image
 
 from data.datasets import flat_names, load_split_pickle
 from data.prepare_split import main as prepare_main
+from tests.conftest import SUBPROCESS_TIMEOUT
 from tests.helpers import write_rgb
 from utils.image_io import load_image
 
@@ -76,7 +77,9 @@ def test_prepare_split_make_split_and_script_entry(tmp_path):
     assert [len(splits[k]) for k in ("train", "val", "test")] == [2, 1, 1]
     cmd = [sys.executable, "data/prepare_split.py", "--split_file", str(out_pkl)]
     cmd += ["--data_path", str(tmp_path / "raw"), "--output_path", str(tmp_path / "out")]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "out").rglob("*.png"))) == 8
 

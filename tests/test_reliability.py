@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.guard import NonFiniteLossGuard
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, SUBPROCESS_TIMEOUT, tiny_config
 from tests.test_training import FAST, _train, image_dir, stage1_run  # noqa: F401 - fixtures
 from utils.checkpoint import AtomicCheckpointIO
 from utils.config import instantiate_from_config
@@ -204,7 +204,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, stage, stage1_run, image_dir):  # no
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -233,7 +233,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, image_dir):  # noqa: F81
     ]  # fmt: skip
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = None
-    deadline = time.time() + 300
+    deadline = time.time() + SUBPROCESS_TIMEOUT
     while time.time() < deadline and proc.poll() is None:  # wait until a few batches have run
         found = list(logdir.glob("*/*/csv/metrics.csv"))
         if found and found[0].stat().st_size > 0 or list(logdir.glob("*/*/tensorboard/*")):
@@ -243,7 +243,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, image_dir):  # noqa: F81
         time.sleep(0.5)
     assert metrics and proc.poll() is None, "training did not start"
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode()
+    output = proc.communicate(timeout=SUBPROCESS_TIMEOUT)[0].decode()
     (run,) = logdir.glob("*/*")
     # Lightning's OnExceptionCheckpoint file, which --resume <run> picks (newer than last.ckpt)
     ckpt = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)

@@ -31,14 +31,15 @@ def _stage_args(stage: int, image_dir, stage1_run) -> tuple[str, int, tuple[str,
 
 
 class _SigtermAt(Callback):
-    """Sends this process SIGTERM at the end of training batch number `batch` (1-based)."""
+    """Sends this process `sig` (SIGTERM; SIGINT is Ctrl-C) at the end of training batch number
+    `batch` (1-based)."""
 
-    def __init__(self, batch: int, steps_per_batch: int):
-        self.step = batch * steps_per_batch
+    def __init__(self, batch: int, steps_per_batch: int, sig: int = signal.SIGTERM):
+        self.step, self.sig = batch * steps_per_batch, sig
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.sig)
 
 
 @pytest.fixture(scope="module", params=[1, 2])
@@ -90,6 +91,33 @@ def test_resume_after_sigterm_mid_epoch_is_exact(tmp_path, stage, monkeypatch):
         _train(tmp_path, config, *args, f"lightning.trainer.max_steps={BATCHES * per_batch}")
     monkeypatch.undo()
     (run,) = (tmp_path / "logs").glob("*/*")
+    assert _ckpt(run)["global_step"] == 3 * per_batch
+    _resume_and_compare(run, stage, straight)
+
+
+@pytest.mark.parametrize("interrupt", ["ctrl_c", "num_workers_2"])
+def test_resume_after_ctrl_c_or_with_workers_is_exact(tmp_path, stage, monkeypatch, interrupt):
+    """Stage 1: Ctrl-C (SIGINT) mid-epoch, or data loading in 2 worker processes (stopped and
+    resumed at max_steps), resumes to the uninterrupted single-process run's exact state."""
+    number, config, per_batch, args, straight = stage
+    if number != 1:
+        pytest.skip("stage 1 covers the data loading and interrupt path; stage 2 adds nothing")
+    if interrupt == "ctrl_c":
+        build = train.build_callbacks
+        sigint = _SigtermAt(3, per_batch, signal.SIGINT)
+        monkeypatch.setattr(
+            train,
+            "build_callbacks",
+            lambda config, run_dir, **kw: [*build(config, run_dir, **kw), sigint],
+        )
+        with pytest.raises((SystemExit, KeyboardInterrupt)):
+            _train(tmp_path, config, *args, f"lightning.trainer.max_steps={BATCHES * per_batch}")
+        monkeypatch.undo()
+        (run,) = (tmp_path / "logs").glob("*/*")
+        assert (run / "checkpoints" / "interrupted.ckpt").exists()
+    else:
+        args = (*args, "data.params.num_workers=2")
+        run = _train(tmp_path, config, *args, f"lightning.trainer.max_steps={3 * per_batch}")
     assert _ckpt(run)["global_step"] == 3 * per_batch
     _resume_and_compare(run, stage, straight)
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import train
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, SUBPROCESS_TIMEOUT, tiny_config
 from tests.test_training import image_dir  # noqa: F401 - fixture
 from utils.config import ConfigError, instantiate_from_config
 from utils.training import read_run_record
@@ -43,7 +43,9 @@ lightning:
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, name, *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+    )
 
 
 def test_config_loggers_callbacks_and_a_run_record_that_survives_resume(tmp_path, image_dir):  # noqa: F811
@@ -160,7 +162,7 @@ def test_test_py_lists_broken_images_and_fails_at_the_end(tmp_path, tiny_sr_chec
     good = ("a.png", "x_jpg.png", "x_tif.png")
     assert ok == sorted((m, n) for m in ("Bicubic", "LDCSR") for n in good)
     failed = {r["file"]: r["status"] for r in rows if r["status"] != "ok"}
-    assert "truncated" in failed["cut.png"] and "empty" in failed["empty.png"]
+    assert "truncated" in failed["cut.jpg"] and "empty" in failed["empty.png"]  # input names
     assert "too small" in failed["tiny.png"]
     assert sorted(p.name for p in (out / "mixed" / "x2" / "sr").iterdir()) == list(good)
 

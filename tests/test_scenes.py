@@ -16,6 +16,7 @@ from data.datasets import MultiScaleTrainDataset
 from data.sampler import ScaleBatchSampler
 from data.synthetic import GeneratedScenes, SceneEvalDataset, generate_scene
 from data.synthetic.__main__ import main
+from tests.conftest import SUBPROCESS_TIMEOUT
 from utils.config import instantiate_from_config
 from utils.image_io import list_images, load_image
 
@@ -140,6 +141,8 @@ def test_command_runs_as_a_module(tmp_path):
         "--size",
         "24",
     ]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "scene_0000.png").is_file()

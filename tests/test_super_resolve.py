@@ -82,7 +82,7 @@ def test_seeded_output_and_sizes(tiny_sr_checkpoint, images, tmp_path):
     diff = np.abs(
         np.asarray(Image.open(tiled / "rgb.png"), dtype=int) - np.asarray(Image.open(b / "rgb.png"))
     )
-    assert diff.max() <= 3
+    assert diff.max() <= 1  # tiled = untiled to 1 level (docs/results.md)
 
 
 def test_never_overwrites_without_flag(tiny_sr_checkpoint, images, tmp_path):

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import train
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 from tests.helpers import randomize_zero_init
 from utils.config import ConfigError, instantiate_from_config
 
@@ -114,7 +114,7 @@ def test_gradient_reaches_unet_and_condition_encoder_through_all_steps():
     assert all(p.grad is None for p in model.first_stage_model.parameters())
 
 
-def test_lr_rule_counts_batch_devices_accumulation(caplog, tmp_path, image_dir):
+def test_train_py_sets_and_logs_the_lr_rule(caplog, tmp_path, image_dir):
     caplog.set_level("INFO")
     _train(
         tmp_path,
@@ -127,6 +127,26 @@ def test_lr_rule_counts_batch_devices_accumulation(caplog, tmp_path, image_dir):
     )
     line = next(r.getMessage() for r in caplog.records if "learning rate" in r.getMessage())
     assert "4.00e-04 = 1.00e-04 (base) x 4 (batch) x 1 (devices)" in line
+    assert "not counted: model.scale_lr_by_devices" in line  # the authors' rule by default
+
+
+def test_lr_rule_is_the_authors_batch_x_accumulation_unless_scale_lr_by_devices():
+    from types import SimpleNamespace
+
+    from utils.training import set_learning_rate
+
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=2, num_devices=4, num_nodes=3, is_global_zero=False
+    )
+    model = SimpleNamespace()
+    for name in ("first_stage_kl_v6.yaml", "second_stage_van_v4.yaml"):
+        config = OmegaConf.load(ROOT / "configs" / name)
+        base, batch = config.model.base_learning_rate, config.data.params.batch_size
+        assert config.model.scale_lr_by_devices is False  # the paper configs: the authors' rule
+        assert set_learning_rate(model, config, trainer) == pytest.approx(base * batch * 2)
+        config.model.scale_lr_by_devices = True  # ours: linear in the global batch
+        lr = set_learning_rate(model, config, trainer)
+        assert lr == pytest.approx(base * batch * 2 * 4 * 3) == model.learning_rate
 
 
 # ------------------------------------------- stage 1 trains as the authors' code did (issue 12)
@@ -289,6 +309,23 @@ def test_stage1_options_shared_forward_learned_logvar_lpips_eval(tmp_path):
     assert len(recorder.forward_rng) == 3  # one forward per batch, plus validation
     assert model.loss.logvar.item() != 0.0  # optimised with the autoencoder
     assert recorder.dropout and not any(mode for _, mode in recorder.dropout)
+
+
+@pytest.mark.parametrize(
+    "counts, gen_steps, disc_steps",
+    [("batches", [0, 1], [0, 1]), ("optimizer_steps", [0, 2], [1, 3])],
+)
+def test_disc_start_counts_batches_by_default_optimizer_steps_as_option(
+    tmp_path, counts, gen_steps, disc_steps
+):
+    overrides = [] if counts == "batches" else [f"model.params.disc_start_counts={counts}"]
+    model = _tiny_stage1("model.params.shared_disc_forward=true", *overrides)
+    assert model.disc_start_counts == counts
+    recorder, _ = _fit(model, tmp_path, batches=2)
+    assert [c[2] for c in recorder.train_calls(0)] == gen_steps  # the step disc_start sees
+    assert [c[2] for c in recorder.train_calls(1)] == disc_steps
+    paper = OmegaConf.load(ROOT / "configs" / "first_stage_kl_v6.yaml").model.params
+    assert paper.disc_start_counts == "batches"
 
 
 def test_stage1_default_takes_two_forwards_and_validates_on_a_sample(tmp_path):

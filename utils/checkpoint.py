@@ -30,6 +30,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ValueError: when the file is not a PyTorch checkpoint or holds no state dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {path} is a folder; give the .ckpt file in it (e.g. "
+            f"{path}/checkpoints/last.ckpt for a train.py run)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (check the path or the config key)")
     try:

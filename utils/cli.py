@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -32,3 +34,28 @@ def pick_device(name: str, error: type[Exception] = ValueError) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def check_writable_folder(folder: str | Path, flag: str, error: type[Exception] = ValueError):
+    """Checks that `folder` exists or can be made, and can be written, leaving nothing behind:
+    its first existing ancestor must be a folder in which a probe folder can be made.
+
+    Raises:
+        error: (the caller's error type) naming the flag, the folder and why (a path under a
+            file, a read-only or full disk, no permission).
+    """
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error(f"{flag} {folder} is not writable: {existing} is a file, not a folder; "
+                    f"choose another {flag}")  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise error(
+            f"{flag} {folder} is not writable ({err.strerror or err} in {existing}); choose "
+            f"another {flag}"
+        ) from err

@@ -83,20 +83,29 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def verify_image(path: str | os.PathLike) -> tuple[int, int]:
-    """Check an image header cheaply (no full decode) and return its size.
+    """Check that an image decodes to its end, cheaply, and return its size.
+
+    PNG: `verify` reads every chunk and checks its CRC. JPEG: a decode at 1/8 size (`draft`),
+    which still reads the whole entropy-coded stream, so a truncated file fails here (Pillow's
+    `verify` reads only the header of a JPEG). Other formats (TIFF, ...): a full decode.
 
     Returns:
         (height, width) in pixels.
 
     Raises:
-        ImageReadError: the file is missing, empty or its header/chunks are corrupt.
+        ImageReadError: the file is missing, empty, truncated or corrupt.
     """
     path = Path(path)
     _check_file(path)
     try:
         with Image.open(path) as img:
             width, height = img.size
-            img.verify()
+            if img.format == "PNG":
+                img.verify()
+            else:
+                if img.format == "JPEG":
+                    img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+                img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise _open_error(path, err) from err
     return height, width

@@ -1,9 +1,12 @@
 """The paper's metrics (docs/method.md, "Evaluation protocol"): PSNR, SSIM, LPIPS and FID.
 
-Protocol: SR and HR are float images in [0, 1], quantised to uint8 values
-(``round(clamp(x, 0, 1) * 255)``); PSNR/SSIM crop ``ceil(scale)`` pixels from every border and
-use RGB (or BT.601 Y with ``test_y=True``), computed in float64 like BasicSR's ``calculate_psnr``
-and ``calculate_ssim``. LPIPS and Inception networks are injected (see ``utils/weights.py``).
+Two protocols (docs/departures.md, "Evaluation protocols"). SR and HR are float images in
+[0, 1], quantised to uint8 values (``round(clamp(x, 0, 1) * 255)``) by both.
+``test-script`` (the authors' test.py): ``psnr``/``ssim`` crop ``ceil(scale)`` pixels from every
+border and use RGB (or BT.601 Y with ``test_y=True``), in float64 like BasicSR's
+``calculate_psnr`` and ``calculate_ssim``. ``paper`` (the authors' benchmark script, which scores
+with pyiqa): ``psnr_pyiqa``/``ssim_pyiqa``, no border crop, as pyiqa's ``psnr`` (RGB) and
+``ssim`` (YIQ luma) metrics. LPIPS and Inception networks are injected (``utils/weights.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from pytorch_fid.fid_score import (
     IMAGE_EXTENSIONS,
     calculate_frechet_distance,
     compute_statistics_of_path,
+    get_activations,
 )
 from scipy import ndimage
 from torch import nn
 
+from utils.distributed import World
 from utils.weights import build_inception
 
 FIDStatistics = tuple[np.ndarray, np.ndarray]  # (mu [dims], sigma [dims, dims]), float64
@@ -121,6 +126,83 @@ def ssim(
     return out if sr.dim() == 4 else out[0]
 
 
+PYIQA_EPS = 1e-8  # pyiqa's psnr adds it to the MSE: identical images give 80 dB, not inf
+_YIQ = ((0.299, 0.587, 0.114), (0.5959, -0.2746, -0.3213), (0.2115, -0.5227, 0.3112))
+
+
+def _uint8_pair(sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images quantised and as [B, 3, H, W] float32 in [0, 1] (pyiqa's input, k / 255)."""
+    if sr.shape != hr.shape or sr.dim() not in (3, 4) or sr.shape[-3] != 3:
+        raise ValueError(
+            f"sr and hr must both be [3, H, W] or [B, 3, H, W]; got {tuple(sr.shape)} and "
+            f"{tuple(hr.shape)}"
+        )
+    a, b = (quantize(t.cpu()).float() / 255.0 for t in (sr, hr))
+    return (a, b) if sr.dim() == 4 else (a[None], b[None])
+
+
+def _yiq_luma(x: torch.Tensor) -> torch.Tensor:
+    """pyiqa's ``to_y_channel(x, 255, 'yiq')``: [B, 3, H, W] in [0, 1] -> rounded Y [B, 1, H, W]
+    in [0, 255] (float32 matmul in pyiqa's order, so the rounding agrees)."""
+    weights = torch.tensor(_YIQ).t()  # [3, 3]
+    y = torch.matmul(x.permute(0, 2, 3, 1), weights).permute(0, 3, 1, 2)[:, :1]
+    return (y * 255).round()
+
+
+def psnr_pyiqa(sr: torch.Tensor, hr: torch.Tensor, test_y: bool = False) -> torch.Tensor:
+    """PSNR of the ``paper`` protocol: pyiqa's ``psnr`` (``psnry`` with ``test_y``), no crop.
+
+    ``10 log10(1 / (mse + 1e-8))`` on the uint8 images scaled to [0, 1] (data range 1), over
+    RGB, or over the YIQ luma ``0.299 R + 0.587 G + 0.114 B`` (not rounded) with ``test_y``;
+    in float64 (pyiqa: float32, equal to ~1e-5 dB).
+
+    Args:
+        sr, hr: float [3, H, W] or [B, 3, H, W] in [0, 1] (quantised here).
+        test_y: compare the YIQ luma instead of all RGB values.
+
+    Returns:
+        float64 tensor, [] or [B] (per image); 80 dB for identical images.
+    """
+    a, b = _uint8_pair(sr, hr)
+    a, b = a.double(), b.double()
+    if test_y:
+        weights = a.new_tensor(_YIQ[0]).view(1, 3, 1, 1)
+        a, b = (a * weights).sum(1, keepdim=True), (b * weights).sum(1, keepdim=True)
+    out = 10.0 * torch.log10(1.0 / (((a - b) ** 2).mean(dim=(1, 2, 3)) + PYIQA_EPS))
+    return out if sr.dim() == 4 else out[0]
+
+
+def ssim_pyiqa(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """SSIM of the ``paper`` protocol: pyiqa's ``ssim`` metric (its defaults), no crop.
+
+    On the rounded YIQ luma in [0, 255] (``_yiq_luma``), float64: 11x11 Gaussian window
+    (sigma 1.5, 'valid'), ``C1 = (0.01*255)^2``, ``C2 = (0.03*255)^2``, the contrast-structure
+    term clipped at 0 (pyiqa's ``relu``), mean of the map; no downsampling.
+
+    Args:
+        sr, hr: float [3, H, W] or [B, 3, H, W] in [0, 1] (quantised here).
+
+    Returns:
+        float64 tensor, [] or [B] (per image).
+    """
+    a, b = (_yiq_luma(t).double() for t in _uint8_pair(sr, hr))
+    if min(a.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs at least 11x11 pixels, got {tuple(a.shape[-2:])}")
+    window = torch.from_numpy(np.outer(_gaussian_window(), _gaussian_window()))
+    window = window.float().double()[None, None]  # pyiqa keeps its window in float32
+
+    def filt(t: torch.Tensor) -> torch.Tensor:  # 'valid': [B, 1, H-10, W-10]
+        return torch.nn.functional.conv2d(t, window)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu1, mu2 = filt(a), filt(b)
+    sigma1_sq, sigma2_sq = filt(a * a) - mu1**2, filt(b * b) - mu2**2
+    sigma12 = filt(a * b) - mu1 * mu2
+    cs_map = torch.relu((2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2))
+    out = (((2 * mu1 * mu2 + c1) / (mu1**2 + mu2**2 + c1)) * cs_map).mean(dim=(1, 2, 3))
+    return out if sr.dim() == 4 else out[0]
+
+
 def lpips_distance(sr: torch.Tensor, hr: torch.Tensor, net: nn.Module) -> torch.Tensor:
     """LPIPS with an injected ``lpips.LPIPS`` net (paper: AlexNet v0.1, ``build_lpips("alex")``).
 
@@ -178,6 +260,36 @@ def fid_statistics(
     path = _check_image_folder(folder)
     model = (build_inception(dims) if model is None else model).to(device)
     return compute_statistics_of_path(path, model, batch_size, dims, device, num_workers)
+
+
+def fid_statistics_sharded(
+    folder: str | os.PathLike,
+    world: World,
+    model: nn.Module,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    dims: int = 2048,
+) -> FIDStatistics | None:
+    """``fid_statistics`` computed by all ranks of ``world`` together (``utils.distributed``).
+
+    The folder's files in pytorch-fid's order and batches; batch k runs on rank k mod size and
+    rank 0 fits the features of all images in file order, so the result equals
+    ``fid_statistics(folder, model, batch_size, device, dims)``. Every rank must call it.
+
+    Returns:
+        ``(mu, sigma)`` on rank 0, None on the other ranks.
+    """
+    path = Path(_check_image_folder(folder))
+    files = sorted(file for ext in IMAGE_EXTENSIONS for file in path.glob(f"*.{ext}"))
+    size = min(batch_size, len(files))  # as pytorch-fid's get_activations
+    chunks = [files[i : i + size] for i in range(0, len(files), size)]
+    model = model.to(device)
+    mine = [get_activations(c, model, len(c), dims, device, 0) for c in world.shard(chunks)]
+    shards = world.gather(mine)
+    if shards is None:
+        return None
+    features = np.concatenate(world.unshard(shards))  # [N, dims] in file order
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
 def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:

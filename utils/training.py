@@ -32,14 +32,28 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_run_dir(logdir: str | Path, stem: str, name: str = "") -> Path:
-    """Returns a new `logdir/stem/<timestamp>[_name]` folder; never reuses an existing one."""
-    stamp = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    base = Path(logdir) / stem / (f"{stamp}_{name}" if name else stamp)
-    run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-    (run_dir / "checkpoints").mkdir(parents=True)
+def make_run_dir(logdir: str | Path, stem: str, name: str = "", run_dir=None) -> Path:
+    """Returns a new `logdir/stem/<timestamp>[_name]` folder (never an existing one), or
+    `run_dir` (--run-dir, a resumed run) with its `checkpoints/` made.
+
+    Raises:
+        ConfigError: the folder cannot be made (under a file, read-only, ...), naming the flag.
+    """
+    flag = "--logdir" if run_dir is None else "--run-dir"
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+        base = Path(logdir) / stem / (f"{stamp}_{name}" if name else stamp)
+        run_dir, n = base, 1
+        while run_dir.exists():
+            run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    run_dir = Path(run_dir)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # under a file, read-only, no space, ...
+        raise ConfigError(
+            f"cannot create the run folder {run_dir} ({flag}): {err.strerror or err}; choose a "
+            f"writable folder with {flag}"
+        ) from err
     return run_dir
 
 
@@ -74,8 +88,52 @@ def resolve_resume(path: str | Path) -> tuple[Path, Path, list[str]]:
         run_dir, ckpt = path.parent.parent, path
     if not ckpt.is_file():
         raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
+    if path.is_dir() and not (run_dir / "configs").is_dir():
+        raise ConfigError(f"--resume {path}: no configs/ folder, so this is not a train.py run "
+                          "folder; give the run folder logs/<config>/<run>")  # fmt: skip
+    if path.is_file() and (path.parent.name != "checkpoints" or not (run_dir / "configs").is_dir()):
+        # Resuming would write the run record and loggers into whatever folder holds it.
+        raise ConfigError(
+            f"--resume {path}: not a checkpoint of a train.py run folder "
+            "(<run>/checkpoints/*.ckpt beside <run>/configs/); give a run folder, or start a new "
+            f"run from these weights: --config CONFIG model.params.ckpt_path={path}"
+        )
     configs = sorted(str(p) for p in (run_dir / "configs").glob("*.yaml"))
     return run_dir, ckpt, configs
+
+
+def check_resumable(ckpt_path: Path, model: pl.LightningModule) -> None:
+    """Refuses, before anything is written, a checkpoint that Lightning could not continue:
+    unreadable, weights only (no optimiser or loop state), or of another model or config.
+
+    Raises:
+        ConfigError: naming the file and the fix.
+    """
+    try:  # mmap: the tensors are not read
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - truncated, not a zip file, not a checkpoint
+        raise ConfigError(
+            f"--resume: {ckpt_path} is not a readable checkpoint ({_first_line(err)}); resume "
+            "from the run folder (it picks last.ckpt or interrupted.ckpt) or another checkpoint"
+        ) from err
+    missing = [k for k in ("state_dict", "optimizer_states", "loops") if k not in ckpt]
+    if not isinstance(ckpt, dict) or missing:
+        raise ConfigError(
+            f"--resume: {ckpt_path} holds no training state ({missing or 'not a dict'} missing), "
+            "so it cannot be continued; start a new run from its weights with "
+            f"model.params.ckpt_path={ckpt_path}"
+        )
+    own, saved = set(model.state_dict()), set(ckpt["state_dict"])
+    if own != saved:
+        differ = sorted(own ^ saved)
+        raise ConfigError(
+            f"--resume: {ckpt_path} was trained with another model or config ({len(differ)} "
+            f"weights differ, e.g. {differ[:3]}); drop --config to use the run's own config"
+        )
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 RUN_RECORD = "run.yaml"
@@ -160,6 +218,17 @@ def save_config(config: Any, run_dir: Path, stem: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, out, resolve=True)
     return out
+
+
+def trainer_config(config: Any, options: Mapping[str, Any]) -> Any:
+    """`lightning.trainer` with train.py's options (`accelerator`, `devices`, `precision`; None =
+    the config's) applied, after checking its keys."""
+    trainer_cfg = config.setdefault("lightning", {}).setdefault("trainer", {})
+    trainer_cfg.update({k: v for k, v in options.items() if v is not None})
+    # The one-scale-per-batch sampler shards indices across ranks itself.
+    trainer_cfg.setdefault("use_distributed_sampler", False)
+    check_lightning_config(config.lightning)
+    return trainer_cfg
 
 
 LIGHTNING_KEYS = ("trainer", "logger", "callbacks")
@@ -311,23 +380,22 @@ def resolve_strategy(trainer_cfg: Any, model: pl.LightningModule) -> None:
 
 
 def set_learning_rate(model: pl.LightningModule, config: Any, trainer: pl.Trainer) -> float:
-    """lr = base_learning_rate x batch size x devices x nodes x gradient accumulation."""
+    """lr = base_learning_rate x batch size x gradient accumulation (the authors' rule: their
+    launch script always ends up with ngpu = 1), x devices x nodes too with our option
+    `model.scale_lr_by_devices: true` (the usual linear scaling with the global batch)."""
     base = config.model.get("base_learning_rate")
     if base is None:
         raise ConfigError("model.base_learning_rate is missing from the config")
     batch = int(config.data.params.batch_size)
     accumulate = int(trainer.accumulate_grad_batches)
-    devices, nodes = int(trainer.num_devices), int(trainer.num_nodes)
+    by_devices = bool(config.model.get("scale_lr_by_devices", False))
+    devices, nodes = (int(trainer.num_devices), int(trainer.num_nodes)) if by_devices else (1, 1)
     model.learning_rate = lr = base * batch * devices * nodes * accumulate
     if trainer.is_global_zero:
+        rule = "" if by_devices else " (devices, nodes not counted: model.scale_lr_by_devices)"
         log.info(
             "learning rate %.2e = %.2e (base) x %d (batch) x %d (devices) x %d (nodes) x %d "
-            "(accumulation)",
-            lr,
-            base,
-            batch,
-            devices,
-            nodes,
-            accumulate,
+            "(accumulation)%s",
+            *(lr, base, batch, devices, nodes, accumulate, rule),
         )
     return lr

@@ -1,7 +1,9 @@
-"""The pretrained files behind LPIPS (AlexNet, VGG16) and FID (pytorch-fid's InceptionV3).
+"""The pretrained files behind LPIPS (AlexNet, VGG16), FID (pytorch-fid's InceptionV3) and the
+no-reference metrics NIQE and BRISQUE (pyiqa, an optional package).
 
-They live in ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub/checkpoints``). The builders
-raise ``MissingWeightsError`` saying which file to place where when a file is missing offline.
+They live in ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub/checkpoints``), pyiqa's in
+``torch.hub.get_dir()/pyiqa``. The builders raise ``MissingWeightsError`` saying which file to
+place where when a file is missing offline, ``MissingPackageError`` when pyiqa is not installed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from torch import nn
 
 class MissingWeightsError(RuntimeError):
     """A pretrained file is neither cached nor downloadable (the message says how to place it)."""
+
+
+class MissingPackageError(RuntimeError):
+    """An optional package a requested metric needs is not installed (the message says how)."""
 
 
 @dataclass(frozen=True)
@@ -115,3 +121,60 @@ def build_inception(dims: int = 2048) -> nn.Module:
         raise ValueError(f"FID dims must be one of {known}, got {dims}")
     block = InceptionV3.BLOCK_INDEX_BY_DIM[dims]
     return _build("inception", lambda: InceptionV3([block])).eval()
+
+
+PYIQA_INSTALL = (
+    "pip install --no-deps pyiqa==0.1.16 && pip install opencv-python-headless huggingface_hub"
+)
+PYIQA_WEIGHTS_URL = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/"
+PYIQA_FILES = {  # metric -> the parameter file pyiqa's default metric loads
+    "niqe": "niqe_modelparameters.mat",
+    "brisque": "brisque_svm_weights.pth",
+}
+
+
+def check_pyiqa(metrics: list[str]) -> None:
+    """Raises ``MissingPackageError`` (with the install command) unless pyiqa can be imported;
+    reads no file and imports nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyiqa") is None:
+        raise MissingPackageError(
+            f"metric(s) {', '.join(metrics)} are computed by pyiqa, which is not installed; "
+            f"install it without its unused dependencies: {PYIQA_INSTALL}"
+        )
+
+
+def pyiqa_weights_path(metric: str) -> Path:
+    """``torch.hub.get_dir()/pyiqa/<file>``: where pyiqa caches ``metric``'s parameter file."""
+    return Path(torch.hub.get_dir()) / "pyiqa" / PYIQA_FILES[metric]
+
+
+def build_pyiqa_metric(metric: str, device: str | torch.device = "cpu") -> nn.Module:
+    """pyiqa's default ``metric`` ("niqe", "brisque") with its parameter file from
+    ``pyiqa_weights_path`` (downloaded there when missing and online), in eval mode.
+
+    Raises:
+        MissingPackageError: pyiqa is not installed.
+        MissingWeightsError: the parameter file is missing and cannot be downloaded.
+    """
+    check_pyiqa([metric])
+    path = pyiqa_weights_path(metric)
+    if not path.is_file():
+        url = PYIQA_WEIGHTS_URL + path.name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except OSError as err:
+            raise MissingWeightsError(
+                f"{metric.upper()} (pyiqa) needs the parameter file '{path.name}', which is "
+                f"missing in {path.parent} ($TORCH_HOME/hub/pyiqa/) and could not be downloaded. "
+                f"On a machine with internet download {url} and copy it to {path} "
+                f"({type(err).__name__}: {err})"
+            ) from err
+    import pyiqa
+
+    model = pyiqa.create_metric(
+        metric, device=torch.device(device), pretrained_model_path=str(path)
+    )
+    return model.eval()
