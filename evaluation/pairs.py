@@ -41,9 +41,15 @@ def parse_datatype(text: str) -> str:
     Raises:
         EvaluationError: for any other name.
     """
+    return parse_choice(text, DATATYPES, "datatype")
+
+
+def parse_choice(text: str, choices: Sequence[str], what: str) -> str:
+    """`text` as one of `choices` (underscores and upper case accepted), else EvaluationError
+    naming `what` and the choices."""
     name = text.strip().lower().replace("_", "-")
-    if name not in DATATYPES:
-        raise EvaluationError(f"unknown datatype {text!r}; choose one of {', '.join(DATATYPES)}")
+    if name not in choices:
+        raise EvaluationError(f"unknown {what} {text!r}; choose one of {', '.join(choices)}")
     return name
 
 

@@ -15,7 +15,7 @@ from functools import partial
 
 from torch import nn
 
-from evaluation.pairs import EvaluationError
+from evaluation.pairs import EvaluationError, parse_choice
 from utils.metrics import (
     crop_border_for,
     lpips_distance,
@@ -48,10 +48,7 @@ def parse_protocol(text: str) -> str:
     Raises:
         EvaluationError: for any other name.
     """
-    name = text.strip().lower().replace("_", "-")
-    if name not in PROTOCOLS:
-        raise EvaluationError(f"unknown protocol {text!r}; choose one of {', '.join(PROTOCOLS)}")
-    return name
+    return parse_choice(text, PROTOCOLS, "protocol")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,14 @@ from ldm.blocks import lean
 from ldm.upsampler import CHUNK_PIXELS
 
 
+def _output_spans(x: torch.Tensor, out_size: tuple[int, int], window=None):
+    """(LR size, output row and column spans, LR offset) that `forward` computes: the whole
+    output, or the window of a tile (`ScaleAwareUpsampler.forward` describes `window`)."""
+    if window is None:
+        return x.shape[-2:], ((0, out_size[0]), (0, out_size[1])), (0, 0)
+    return window.lr_size, (window.rows, window.cols), window.offset
+
+
 class LocalImplicitUpsampler(nn.Module):
     """RGB(q) = MLP(f(LR cell of q), q - centre of that cell, cell size), per output pixel.
 
@@ -57,10 +65,7 @@ class LocalImplicitUpsampler(nn.Module):
         """x: [B, C, h, w] -> [B, out_channels, *out_size] (or the output window of a tile: see
         `ScaleAwareUpsampler.forward`)."""
         out_size = (int(out_size[0]), int(out_size[1]))
-        if window is None:
-            lr_size, spans, offset = x.shape[-2:], ((0, out_size[0]), (0, out_size[1])), (0, 0)
-        else:
-            lr_size, spans, offset = window.lr_size, (window.rows, window.cols), window.offset
+        lr_size, spans, offset = _output_spans(x, out_size, window)
         (rows, rel_y), (cols, rel_x) = (
             _cells(n, m, span, x) for n, m, span in zip(lr_size, out_size, spans)
         )
@@ -156,10 +161,7 @@ class NearestMLPUpsampler(nn.Module):
         """x: [B, C, h, w] -> [B, out_channels, *out_size] (or the output window of a tile: see
         `ScaleAwareUpsampler.forward`)."""
         out_size = (int(out_size[0]), int(out_size[1]))
-        if window is None:
-            lr_size, spans, offset = x.shape[-2:], ((0, out_size[0]), (0, out_size[1])), (0, 0)
-        else:
-            lr_size, spans, offset = window.lr_size, (window.rows, window.cols), window.offset
+        lr_size, spans, offset = _output_spans(x, out_size, window)
         (rows, rel_y), (cols, rel_x) = (
             _nearest_cells(int(n), m, span, x.device)
             for n, m, span in zip(lr_size, out_size, spans)

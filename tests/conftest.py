@@ -112,3 +112,38 @@ def tiny_sr_checkpoint(tmp_path_factory):
     path = run / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": model.state_dict(), "config": plain, "epoch": 0}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """Small crops of holdout images as prepared datasets HOLD and ONE
+    (`tests.evaluation_cases.make_data_root`); skips without ../shared."""
+    from tests.evaluation_cases import make_data_root
+
+    return make_data_root(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="session")
+def e2e(tiny_sr_checkpoint, data_root, tmp_path_factory):
+    """A run at scales 2, 3.7 and 8 (batch 2, sr_kd on) and a second one with the same seed at
+    3.7 alone (batch b of every scale draws with seed + b)."""
+    from tests import evaluation_cases as cases
+
+    first, second = (tmp_path_factory.mktemp("run") / "res" for _ in range(2))
+    args = ("--metrics", "psnr,ssim", "--batch-size", "2", "--sr-kd")
+    ckpt = tiny_sr_checkpoint
+    rows = cases.run_cli(ckpt, data_root, first, "--scales", "2,3.7", "8", *args, dataset="HOLD")
+    cases.run_cli(ckpt, data_root, second, "--scales", "3.7", *args, dataset="HOLD")
+    return first, second, rows
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty TORCH_HOME; every download fails."""
+
+    def blocked(*args, **kwargs):
+        raise OSError("downloads are blocked in tests")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", blocked)
+    return tmp_path / "torch_home"
