@@ -16,10 +16,12 @@ authors' model; the width factor only changes the output grid. Outputs are sampl
 (the same numbers on CPU and GPU), tiled or not.
 
 Inference is `LDCSR.super_resolve`: scenes whose untiled run would need more than --max-memory GB
-(estimated from the loaded model's own widths) are cut into overlapping LR tiles of --tile pixels
-(0 = never tile), cross-faded over --tile-overlap pixels; the diffusion noise is drawn once for
-the whole scene's latent, every tile is conditioned on the scene's scale and size and normalised
-with the scene's statistics, so tiles agree where they overlap.
+(estimated from the loaded model's own widths; default auto: 3/4 of the memory available) are
+tiled (--tile LR pixels, 0 = never tile): the stages with scene-wide normalisation statistics
+run whole where they fit the budget (the condition encoder streams by bands of rows, exactly,
+where it does not) and the output is rendered in tiles; the diffusion noise is drawn once for
+the whole scene's latent and every tile is conditioned on the scene's scale and size, so tiles
+agree (docs/method.md, "Tiled inference").
 
 Formats (data/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
 as PNG with the input's bands and bit depth. TIFF/GeoTIFF of any size, band count and dtype are
@@ -72,9 +74,9 @@ from data.scene_io import (
 )
 from data.uncertainty_maps import raster_uncertainty, uncertainty_paths, write_uncertainty
 from models import load_sr_model
-from models.inference import MIN_TILE, PRECISIONS, check_output_size
+from models.inference import MIN_TILE, PRECISIONS, check_output_size, memory_budget
 from models.uncertainty import seeds_from
-from utils.cli import HelpFormatter, check_writable_folder
+from utils.cli import HelpFormatter, check_writable_folder, memory_size
 from utils.config import ConfigError
 from utils.distributed import init_world
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images
@@ -128,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     add("--tile", type=int, default=None, help="LR tile size; 0 = off (default: auto)")
     add("--tile-overlap", type=int, default=16, help="LR overlap of neighbouring tiles")
-    add("--max-memory", type=float, default=2.0, help="GB an untiled run may use (auto tiling)")
+    add(
+        "--max-memory",
+        type=memory_size,
+        default="auto",
+        help="GB a run may use before it tiles; auto: 3/4 of the memory available now",
+    )
     add("--precision", default="auto", choices=("auto", *PRECISIONS), help="auto: bf16 on CUDA")
     add("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     existing = parser.add_mutually_exclusive_group()
@@ -276,7 +283,7 @@ def raster_block(args, src: Path, out_size) -> int:
     grid, drawing its own noise)."""
     with open_raster(src) as raster:
         bands, lr_size = raster.count, (raster.height, raster.width)
-    budget = args.tiling["max_memory"]
+    budget = memory_budget(args.tiling["max_memory"], torch.device("cpu"))  # host planes
     whole = SCENE_PLANES * (bands + 3) * 4 * out_size[0] * out_size[1]  # bytes
     return max(BLOCK, *lr_size) if budget is not None and whole <= budget * 2**30 else BLOCK
 

@@ -99,7 +99,7 @@ from evaluation.sr_folders import check_sr_dirs, parse_sr_dirs, scale_folder
 from evaluation.tables import write_summary
 from models import load_first_stage_model, load_sr_model
 from models.inference import check_tile
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, memory_size
 from utils.config import ConfigError
 from utils.distributed import init_world
 from utils.image_io import ImageReadError
@@ -147,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     add("--batch-size", type=int, default=1, help="images per batch (equal-size images only)")
-    add("--max-memory", type=float, default=2.0, help="GB an untiled run may use (auto tiling)")
+    add(
+        "--max-memory",
+        type=memory_size,
+        default="auto",
+        help="GB a run may use before it tiles; auto: 3/4 of the memory available now",
+    )
     add("--tile", type=int, default=None, help="LR tile size; 0 = off; default: auto")
     add("--tile-overlap", type=int, default=16, help="LR overlap of neighbouring tiles")
     add("--save-images", action=argparse.BooleanOptionalAction, default=True, help="keep PNGs")

@@ -106,13 +106,25 @@ class GAPEncoder(nn.Module):
         """x: [B, in, H, W] -> [B, (2)z, ~H/8, ~W/8]."""
         # Kept in NCHW: channels-last convolutions round differently, and the sampling chain
         # amplifies the condition's rounding ~25x (conformance tolerance 1e-4).
-        h = self.conv_in(x)
+        h = x
+        for stage, _, _ in self.stages():
+            h = stage(h)
+        return h
+
+    def stages(self) -> list[tuple]:
+        """The encoder as a chain of (stage, halo, stride): a stage's output pixel reads its
+        input within `halo` pixels (3x3 convolutions) and on a grid `stride` times coarser
+        (a `Downsample` reads rows 2i .. 2i + 2); tiled inference streams the scene through
+        the chain stage by stage."""
+        chain = [(self.conv_in, 1, 1)]
         for level in self.down:
-            for block in level.block:
-                h = block(h)
+            chain += [(block, 2, 1) for block in level.block]
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.block_1(h))
+                chain.append((level.downsample, 1, 2))
+        return chain + [(self.mid.block_1, 2, 1), (self.mid.block_2, 2, 1), (self.out, 1, 1)]
+
+    def out(self, h: torch.Tensor) -> torch.Tensor:
+        """norm_out -> swish -> conv_out."""
         return self.conv_out(swish(self.norm_out(h), inplace=lean()))
 
     def peak_elements(self, size: Sequence[int], batch: int = 1) -> int:
@@ -335,6 +347,23 @@ class GAPDecoder(nn.Module):
     def peak_elements(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1):
         """Rough count of the float activations alive at once (inference): those of the
         upsampler, plus the SR branch's at the LR size."""
-        lr_px = int(lr_size[0]) * int(lr_size[1])
-        sr_branch = 8 * batch * self.ch * lr_px
-        return self.upsampler.peak_elements(lr_size, out_size, batch) + sr_branch
+        upsampler = self.upsampler.peak_elements(lr_size, out_size, batch)
+        return upsampler + self.sr_branch_elements(lr_size, batch)
+
+    def sr_branch_elements(self, lr_size: Sequence[int], batch: int = 1) -> int:
+        """Rough count of the float activations alive at once in `sr_branch` on the whole LR
+        image (inference), the h_k resized to the LR size included."""
+        return (8 + self.num_levels) * batch * self.ch * int(lr_size[0]) * int(lr_size[1])
+
+    def latent_elements(self, latent_size: Sequence[int], batch: int = 1) -> int:
+        """Rough count of the float activations alive at once in `latent_features` (inference):
+        four maps of the widest level and the h_k of every level."""
+        if not self.use_latent:
+            return 0
+        widest = self.conv_in.out_channels
+        return (
+            (4 * widest + self.num_levels * self.ch)
+            * batch
+            * int(latent_size[0])
+            * int(latent_size[1])
+        )

@@ -252,6 +252,8 @@ class UNetModel(nn.Module):
         self.use_osize_embedding = use_osize_embedding
         self.scale_embedding = scale_embedding
         self.pad_multiple = pad_multiple
+        self.channel_mult, self.num_res_blocks = tuple(channel_mult), num_res_blocks
+        self.attention_resolutions = tuple(attention_resolutions)
         emb_dim = 4 * model_channels
         # Settings shared by the encoder and decoder builders.
         spec = dict(
@@ -350,6 +352,23 @@ class UNetModel(nn.Module):
                 raise ValueError("UNetModel(use_osize_embedding=True) needs `out_height` (H_out)")
             emb = emb + self.osize_embed(timestep_embedding(out_height, mc))
         return emb
+
+    def peak_elements(self, size: Sequence[int], batch: int = 1) -> int:
+        """Rough count of the float activations alive at once in `forward` (inference) on a
+        latent of `size`: the skip maps, four working maps of the widest concatenation (h and
+        its skip) of a level, and the attention matrices (one per head)."""
+        m = self.pad_multiple
+        h, w = (-(-int(n) // m) * m for n in size)
+        blocks = [b for b in self.modules() if isinstance(b, AttentionBlock)]
+        heads = max((b.num_heads for b in blocks), default=0)
+        skips, work, attention = self.model_channels * h * w, 0, 0
+        for level, mult in enumerate(self.channel_mult):
+            ch, px = self.model_channels * mult, h * w // 4**level
+            skips += (self.num_res_blocks + 1) * ch * px
+            work = max(work, 4 * 2 * ch * px)
+            if 2**level in self.attention_resolutions:
+                attention = max(attention, heads * px * px)
+        return batch * (skips + work + attention)
 
     def forward(self, x, timesteps, scale=None, out_height=None) -> torch.Tensor:
         """Predict the noise.

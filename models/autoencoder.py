@@ -167,6 +167,11 @@ class AutoencoderKL(pl.LightningModule):
         """Encoder input [B, C, H, W] -> posterior over [B, embed, H/8, W/8]."""
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
+    def posterior_stages(self) -> list[tuple]:
+        """`posterior`'s network as a chain of (stage, halo, stride) (`GAPEncoder.stages`, then
+        the 1x1 `quant_conv`); its output is the posterior's parameters."""
+        return [*self.encoder.stages(), (self.quant_conv, 0, 1)]
+
     @torch.no_grad()
     def reconstruct(self, lr: torch.Tensor, hr: torch.Tensor, **tiling) -> torch.Tensor:
         """Stage-1 reconstruction `decode(mode(encode(hr, lr)), lr, hr size)`: LR [B, 3, h, w]
@@ -194,6 +199,17 @@ class AutoencoderKL(pl.LightningModule):
         decoder = self.decoder.peak_elements(lr_size, out_size, batch)
         encoder = self.encoder.peak_elements(out_size, batch) if self.use_latent else 0
         return 4 * (max(decoder, encoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
+
+    def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
+        """Rough activation memory of the whole-scene stages with scene-wide statistics, as
+        `LDCSR.stage_bytes`: "condition" (here the encoder), "latent", "sr"."""
+        latent = (int(out_size[0]) // 8, int(out_size[1]) // 8)
+        elements = {
+            "condition": self.encoder.peak_elements(out_size, batch) if self.use_latent else 0,
+            "latent": self.decoder.latent_elements(latent, batch),
+            "sr": self.decoder.sr_branch_elements(lr_size, batch),
+        }
+        return {k: 4 * v for k, v in elements.items()}
 
     def decode(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int], window=None):
         """z: [B, embed, h_z, w_z], lr: [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size], unclamped

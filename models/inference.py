@@ -13,13 +13,19 @@
 3. the decoder's latent branch (`GAPDecoder.latent_features`) on latent tiles;
 4. decoder tiles in LR pixels (`tile`, `overlap`, `context`): `GAPDecoder.sr_branch` on the LR
    crop, then `GAPDecoder.render` on the tile's HR window of the scene's grid
-   (`models.tiling.OutputWindow`: any scale), cross-faded on HR windows [round(y0 H/h), ...).
+   (`models.tiling.OutputWindow`: any scale), cross-faded on HR windows [round(y0 H/h), ...);
+4'. or, when the SR branch fits the budget, `sr_branch` on the whole LR image and `render` on
+   non-overlapping tiles of it.
 
-When a stage has several tiles, its GroupNorm / IMD channel-attention layers normalise every tile
-with statistics recorded in one untiled reference pass over the scene (`models.scene_stats`;
-downscaled to `stats_pixels` when larger: then they are estimates, but shared, so tiles agree).
-What stays per tile: the UNet's attention and GroupNorm (only for latents larger than
-`latent_tile`) and each tile's finite context.
+Under a memory budget (`budget`, from `run_tiled`'s `max_memory`) every stage with scene-wide
+statistics (GroupNorm, IMD channel attention) that fits runs whole, so its statistics are the
+untiled run's; the decoder then runs its SR branch whole and renders tiles of it (4'., context
+`RENDER_CONTEXT`, no overlap). An encoder over the budget (condition, or stage 1's) streams
+through its chain of stages by bands of rows with exact statistics (`models.stream`). The other
+stages, when they do not fit, normalise every tile with statistics recorded in one untiled
+reference pass (`models.scene_stats`; downscaled to `stats_pixels` when larger: then they are
+estimates, but shared, so tiles agree); the UNet's attention, and then its GroupNorm, see one
+tile and its context.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +44,9 @@ from tqdm import tqdm
 
 from ldm.blocks import ContrastChannelAttention
 from ldm.diffusion import draw_noise
+from ldm.distributions import DiagonalGaussianDistribution
 from models.scene_stats import SceneStatistics
+from models.stream import stream_chain
 from models.tiling import (
     OutputWindow,
     accumulate,
@@ -53,6 +62,11 @@ from utils.resample import axis_map, cut, resize_crop, resize_window
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TILE = 16  # LR pixels
+# LR pixels around a render tile: the upsampler's 3x3 convolutions on the 1x, 2x and 4x grids
+# reach 1 + 1/2 + 1/4 LR pixels, its bilinear taps 1 pixel of the finest grid, the bicubic skip 2.
+RENDER_CONTEXT = 3
+MEMORY_MARGIN = 0.75  # share of the available memory that the automatic budget uses
+log = logging.getLogger(__name__)
 
 
 def min_output_side(model: nn.Module) -> int:
@@ -134,6 +148,28 @@ class Geometry:
                             shift(cols, c0))  # fmt: skip
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that a computation on `device` may still take: the free memory of a CUDA device
+    (`torch.cuda.mem_get_info`), else the kernel's MemAvailable (Linux); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def memory_budget(max_memory, device: torch.device) -> float | None:
+    """The memory budget in GB: `max_memory` itself (a number, or None = unbounded), or for
+    "auto" `MEMORY_MARGIN` of `available_memory(device)` (2 GB when that is unknown)."""
+    if max_memory != "auto":
+        return None if max_memory is None else float(max_memory)
+    free = available_memory(device)
+    return 2.0 if free is None else MEMORY_MARGIN * free / 2**30
+
+
 def choose_tile(peak_bytes: int, max_memory: float | None, scale: float, overlap: int) -> int:
     """Decoder tile in LR pixels: 0 (untiled) when `peak_bytes` fits `max_memory` GB (None =
     never tile), else about 512 output pixels (at most 128 LR pixels)."""
@@ -175,6 +211,11 @@ class SceneTiler:
             a tiled stage (its input is downscaled to fit; a quarter of it for the SR branch,
             which is costlier per pixel); 0 = per-tile statistics.
         progress: show a progress bar over tiles.
+        budget: bytes of activations a stage may use (None: unbounded). A stage whose statistics
+            span the scene (condition encoder, UNet, decoder latent and SR branches) runs whole
+            when its estimate (the model's `stage_bytes`) fits, so its statistics are the untiled
+            run's; the decoder then renders `tile`-sized windows of the whole SR features with
+            `RENDER_CONTEXT`, without overlap. 0: every stage on its tiles.
     """
 
     def __init__(
@@ -188,6 +229,7 @@ class SceneTiler:
         latent_context: int = 16,
         stats_pixels: int = 1 << 19,
         progress: bool = False,
+        budget: int | None = 0,
     ):
         check_tile(tile, overlap, context)
         lat = (condition_tile, latent_tile, latent_overlap, latent_context)
@@ -196,7 +238,8 @@ class SceneTiler:
         self.tile, self.overlap, self.context = tile, overlap, context
         self.condition_tile, self.latent_tile = condition_tile, latent_tile
         self.latent_overlap, self.latent_context = latent_overlap, latent_context
-        self.progress, self.stats_pixels = progress, stats_pixels
+        self.progress, self.stats_pixels, self.budget = progress, stats_pixels, budget
+        self.keep_heap = False  # set by `run_tiled` inside `retained_heap`
         self._bar = None
 
     # --------------------------------------------------------------------------------- public
@@ -205,7 +248,8 @@ class SceneTiler:
         Call it under `model.ema_scope()`; `generator` (CPU) seeds x_T and the step noises, and
         `window` makes it a block of a larger scene, as in `LDCSR.super_resolve`."""
         geo = self.geometry(lr, out_size, window)
-        plan, steps = self.plan(geo), model.diffusion.num_timesteps
+        plan = self.plan(geo, self.whole_stages(model, geo, lr.shape[0]))
+        steps = model.diffusion.num_timesteps
         total = sum(len(v) for v in plan.values()) + len(plan["unet"]) * (steps - 1)
         with torch.inference_mode(), self._progress(total):
             cond = self.condition(model, lr, geo, plan)
@@ -221,8 +265,9 @@ class SceneTiler:
         decoded as the latent, lr [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size] in [-1, 1]
         (clamped)."""
         geo = self.geometry(lr, out_size)
-        plan = self.plan(geo)
-        total = sum(len(plan[k]) for k in ("condition", "latent", "decoder"))
+        plan = self.plan(geo, self.whole_stages(model, geo, lr.shape[0]) - {"unet"})
+        plan.pop("unet")
+        total = sum(len(v) for v in plan.values())
         with torch.inference_mode(), self._progress(total):
             cond = self.condition(model, lr, geo, plan)
             ae = model.first_stage_model
@@ -232,7 +277,7 @@ class SceneTiler:
         """Stage 1: decode(mode(encode(hr, lr)), lr, hr size), [-1, 1] in, [-1, 1] out
         (clamped)."""
         geo = self.geometry(lr, hr.shape[-2:])
-        plan = self.plan(geo)
+        plan = self.plan(geo, self.whole_stages(autoencoder, geo, lr.shape[0]))
         with torch.inference_mode(), self._progress(sum(len(v) for v in plan.values())):
             z = None
             if autoencoder.use_latent:
@@ -251,15 +296,40 @@ class SceneTiler:
             raise ValueError(f"output size {geo.out} is too small: each side must be >= 8 px")
         return geo
 
-    def plan(self, geo: Geometry) -> dict[str, list]:
+    def whole_stages(self, model, geo: Geometry, batch: int) -> frozenset[str]:
+        """The stages of `model.stage_bytes` whose whole-scene run fits `budget` next to the
+        result and the blending totals (6 output-sized float maps)."""
+        if self.budget == 0:
+            return frozenset()
+        held = 4 * 6 * batch * geo.target[0] * geo.target[1]
+        stages = model.stage_bytes(geo.lr, geo.out, batch)
+        fits = lambda v: self.budget is None or v + held <= self.budget  # noqa: E731
+        return frozenset(k for k, v in stages.items() if fits(v))
+
+    def plan(self, geo: Geometry, whole=frozenset()) -> dict[str, list]:
         """Tiles of each stage as (crop, window) pairs: `crop` ((r0, r1), (c0, c1)) is what a tile
         computes, the `Window` what it contributes. "condition", "unet" and "latent" are on the
-        latent grid (starts at multiples of 8); "decoder" has LR crops and HR windows."""
-        lat = []
-        for tile in (self.condition_tile, self.latent_tile):
+        latent grid (starts at multiples of 8); "decoder" has LR crops and HR windows. A stage
+        in `whole` has one tile; with "sr" in `whole`, "sr" (one entry: the SR branch on the
+        whole LR image) and "render" (LR crops and HR windows, not overlapping) replace
+        "decoder"."""
+        lat = {}
+        for name, tile in (("condition", self.condition_tile), ("unet", self.latent_tile),
+                           ("latent", self.latent_tile)):  # fmt: skip
+            tile = 0 if name in whole else tile
             grid = tile_grid(geo.latent, (tile,) * 2, (self.latent_overlap,) * 2, align=8)
-            lat.append([(grow(w, self.latent_context, geo.latent), w) for w in grid])
+            lat[name] = [(grow(w, self.latent_context, geo.latent), w) for w in grid]
+        if "sr" in whole:
+            step = self.tile or max(geo.lr)
+            axes = [[(a, min(a + step, n)) for a in range(0, n, step)] for n in geo.lr]
+            render = self.decoder_tiles(geo, axes, RENDER_CONTEXT)
+            return {**lat, "sr": [((0, geo.lr[0]), (0, geo.lr[1]))], "render": render}
         lr_axes = [split_axis(n, self.tile, self.overlap if self.tile < n else 0) for n in geo.lr]
+        return {**lat, "decoder": self.decoder_tiles(geo, lr_axes, self.context)}
+
+    @staticmethod
+    def decoder_tiles(geo: Geometry, lr_axes, context: int) -> list:
+        """(LR crop: window grown by `context`, HR window) pairs of the LR windows `lr_axes`."""
         (lr_n, out_n), offsets = geo.scene, (0, 0) if geo.window is None else geo.window.offset
         hr_axes = [
             [to_output_window((a + o, b + o), n, m) for a, b in ax]
@@ -271,8 +341,7 @@ class SceneTiler:
                 kept = [(lw, hw) for lw, hw in zip(lr_axes[k], cut_to) if hw[1] > hw[0]]
                 lr_axes[k], hr_axes[k] = [lw for lw, _ in kept], [hw for _, hw in kept]
         lr_windows, hr_windows = windows_from(*lr_axes, geo.lr), windows_from(*hr_axes, geo.target)
-        decoder = [(grow(lw, self.context, geo.lr), hw) for lw, hw in zip(lr_windows, hr_windows)]
-        return {"condition": lat[0], "unet": lat[1], "latent": lat[1], "decoder": decoder}
+        return [(grow(lw, context, geo.lr), hw) for lw, hw in zip(lr_windows, hr_windows)]
 
     # --------------------------------------------------------------------------------- stages
     def condition(self, model, lr: torch.Tensor, geo: Geometry, plan) -> torch.Tensor:
@@ -301,6 +370,14 @@ class SceneTiler:
             encoder(crop_input(size, (0, size[0]), (0, size[1])))
 
         stats = SceneStatistics([encoder], (nn.GroupNorm,))
+        if len(tiles) > 1 and self.budget:  # too large to run whole: stream by bands
+            x = crop_input(geo.out, (0, geo.out[0]), (0, geo.out[1]))  # [B, in, H, W]
+            band = self.budget // (64 * encoder.peak_elements((1, 1)))  # ~1/16 of the budget
+            chain = net.posterior_stages() if posterior else net.stages()
+            out = stream_chain(chain, x, stats, band, self.budget // 4)
+            for _ in tiles:
+                self._tick()
+            return DiagonalGaussianDistribution(out).mode() if posterior else out
         return self._tiled(tile, tiles, geo.latent, stats, reference)
 
     def denoiser(self, denoise, tiles):
@@ -337,6 +414,8 @@ class SceneTiler:
 
             stats = SceneStatistics([dec], (nn.GroupNorm,))
             feats = self._tiled(run_latent, plan["latent"], geo.latent, stats, reference_latent)
+        if "render" in plan:
+            return self.render(dec, lr, feats, geo, plan["render"])
 
         def reference_sr() -> None:
             size = shrink(geo.lr, self.stats_pixels // 4)  # 48 IMD modules per LR pixel
@@ -351,6 +430,24 @@ class SceneTiler:
 
         stats = SceneStatistics([dec], (ContrastChannelAttention,))
         return self._tiled(run_tile, plan["decoder"], geo.target, stats, reference_sr, True)
+
+    def render(self, dec, lr, feats, geo: Geometry, tiles) -> torch.Tensor:
+        """SR branch on the whole LR image (the untiled run's statistics), then `dec.render` on
+        `tiles` of it -> [B, 3, *target]; a tile's crop holds its window's receptive field."""
+        near = None if feats is None else [F.interpolate(f, size=geo.lr) for f in feats]
+        x = dec.sr_branch(lr, near, geo.scale)  # [B, ch, h, w], channels last
+        del near, feats
+        self._tick()
+
+        def run_tile(crop, win):
+            (r0, r1), (c0, c1) = crop
+            window = geo.output_window((r0, c0), win.rows, win.cols)
+            x_c = cut(x, crop, torch.channels_last)
+            out = dec.render(x_c, lr[..., r0:r1, c0:c1], window.out_size, window).float()
+            self._tick()
+            return out
+
+        return self._tiled(run_tile, tiles, geo.target, None, None, True)
 
     def decode_tile(self, dec, lr, feats, geo: Geometry, crop, win) -> torch.Tensor:
         """SR branch on the LR `crop`, rendered on the HR window `win` -> [B, 3, rows, cols]."""
@@ -372,7 +469,7 @@ class SceneTiler:
         `stats_pixels`, `reference()` first records the stage's normalisation statistics."""
         if len(tiles) == 1:
             return run(*tiles[0]) if windowed else run(tiles[0][0])
-        shared = len(tiles) > 1 and self.stats_pixels > 0
+        shared = len(tiles) > 1 and self.stats_pixels > 0 and stats is not None
         if shared:
             with stats.collect():
                 reference()
@@ -387,7 +484,7 @@ class SceneTiler:
                 for total, part in zip(totals, parts):
                     accumulate(total, part if windowed else trim(part, crop, win), win)
                 del out, parts
-                if len(tiles) > 1:
+                if len(tiles) > 1 and not self.keep_heap:
                     release_memory()
         return totals if several else totals[0]
 
@@ -465,34 +562,44 @@ def run_tiled(
     peak_bytes: int,
     scale: float,
     like: torch.Tensor,
-    max_memory: float | None = 2.0,
+    max_memory: float | str | None = "auto",
     tile: int | None = None,
     tile_overlap: int = 16,
     precision: str = "fp32",
     progress: bool = False,
 ) -> torch.Tensor:
-    """`untiled()` when the untiled run's `peak_bytes` fits `max_memory` GB (or `tile` is 0),
-    else `tiled(SceneTiler(tile, tile_overlap))`; under `torch.inference_mode()` and autocast
-    `precision` ("fp32", "bf16", "fp16"). Returns the result in float32.
+    """`untiled()` when the untiled run's `peak_bytes` fits the memory budget (or `tile` is 0),
+    else `tiled(SceneTiler(tile, tile_overlap, budget=...))`, whose stages run whole where they
+    fit the budget; under `torch.inference_mode()` and autocast `precision` ("fp32", "bf16",
+    "fp16"). Returns the result in float32.
 
     Args:
         untiled, tiled: the two ways to compute the result.
         peak_bytes: the model's estimate of the untiled run's activation memory.
         scale: output / LR height (sets the automatic tile size).
         like: a tensor on the device and of the dtype of the computation.
-        max_memory: memory budget in GB of an untiled run (None: never tile automatically).
+        max_memory: memory budget in GB (None: unbounded, never tile automatically; "auto":
+            `MEMORY_MARGIN` of the memory available now, `memory_budget`).
         tile: LR tile size; None = automatic, 0 = untiled.
         tile_overlap: LR overlap of neighbouring tiles (cross-faded).
         precision: autocast precision.
         progress: show a progress bar over tiles.
     """
+    budget = memory_budget(max_memory, like.device)
     if tile is None:
-        tile = choose_tile(peak_bytes, max_memory, scale, tile_overlap)
+        tile = choose_tile(peak_bytes, budget, scale, tile_overlap)
     check_tile(tile, tile_overlap)
+    bound = "unbounded" if budget is None else f"{budget:.2f} GB"
+    log.info("memory budget %s (%s): %s", bound, max_memory, f"tile {tile}" if tile else "untiled")
     with autocast(precision, like), torch.inference_mode():
         if tile == 0:  # fits the budget: reuse freed memory rather than map it afresh
             with retained_heap(like.device):
                 return untiled().float()
         # Tiles return freed memory to the OS between them (`release_memory`): a heap kept
-        # across a large scene's stages fragments (peak RSS 3.2 -> 4.0 GB, measured).
-        return tiled(SceneTiler(tile, tile_overlap, progress=progress)).float()
+        # across a large scene's stages fragments (peak RSS 3.2 -> 4.0 GB, measured). Where the
+        # untiled run fits the budget (tiles asked for), the heap is kept as untiled.
+        limit = None if budget is None else int(budget * 2**30)
+        tiler = SceneTiler(tile, tile_overlap, progress=progress, budget=limit)
+        tiler.keep_heap = limit is None or peak_bytes <= limit
+        with retained_heap(like.device) if tiler.keep_heap else contextlib.nullcontext():
+            return tiled(tiler).float()

@@ -170,7 +170,8 @@ class LDCSR(pl.LightningModule):
                 the scene's LR crop at `window.offset`, `out_size` the scene's output size, and
                 the result the window rows x cols of the scene's output grid. The latent stages
                 see the crop (at its share of `out_size`) with the scene's scale and height.
-            **tiling: `max_memory` (GB, default 2; None = never tile), `tile` (LR pixels; None =
+            **tiling: `max_memory` (GB; default "auto": 3/4 of the available memory; None =
+                never tile), `tile` (LR pixels; None =
                 automatic, 0 = untiled), `tile_overlap` (16), `precision` ("fp32", "bf16",
                 "fp16") and `progress`, as in `models.inference.run_tiled`.
         """
@@ -201,6 +202,20 @@ class LDCSR(pl.LightningModule):
         cond = self.cond_stage_model.peak_elements(out_size, batch)
         decoder = self.first_stage_model.decoder.peak_elements(lr_size, out_size, batch)
         return 4 * (max(cond, decoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
+
+    def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
+        """Rough activation memory of each whole-scene stage whose normalisation statistics span
+        the scene (the tiler runs those that fit its budget whole): "condition", "unet",
+        "latent" (decoder's latent branch), "sr" (decoder's SR branch)."""
+        latent = (int(out_size[0]) // 8, int(out_size[1]) // 8)
+        dec = self.first_stage_model.decoder
+        elements = {
+            "condition": self.cond_stage_model.peak_elements(out_size, batch),
+            "unet": self.model.diffusion_model.peak_elements(latent, batch),
+            "latent": dec.latent_elements(latent, batch),
+            "sr": dec.sr_branch_elements(lr_size, batch),
+        }
+        return {k: 4 * v for k, v in elements.items()}
 
     @torch.no_grad()
     def super_resolve_condition(

@@ -6,7 +6,9 @@ would use its own statistics: neighbouring tiles would disagree and seams would 
 layer's statistics cannot be gathered tile by tile, since they depend on how the earlier layers
 normalised). `SceneStatistics` records every layer's statistics in one untiled reference pass
 (`collect()`: the scene itself when it fits in memory, else a downscaled copy of it) and then
-normalises every tile with them (`apply()`), so all tiles compute the same function.
+normalises every tile with them (`apply()`), so all tiles compute the same function. Streamed
+stage by stage (`measure()`), it gathers the exact statistics of the untiled run instead: each
+layer's sums over the tiles' own pixels, with every earlier layer already normalised exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from ldm.blocks import ContrastChannelAttention
 TYPES = (nn.GroupNorm, ContrastChannelAttention)
 
 
+class StopStage(Exception):
+    """Ends a forward inside `SceneStatistics.measure` once the measured layer has its sums."""
+
+
 class SceneStatistics:
     """Records the input statistics of normalisation layers and replays them.
 
@@ -35,6 +41,7 @@ class SceneStatistics:
     def __init__(self, modules: Iterable[nn.Module], types: tuple = TYPES):
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, types)]
         self.moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> mean, var [B, C]
+        self.sums: dict[int, list] = {}  # id -> [count, sum [B, C], sum of squares [B, C]]
 
     @contextlib.contextmanager
     def collect(self):
@@ -50,10 +57,38 @@ class SceneStatistics:
             yield
 
     @contextlib.contextmanager
-    def _patched(self, collect: bool):
+    def measure(self, box):
+        """Layers with moments normalise with them; the first one reached without adds the
+        per-channel count, sum and sum of squares (float64) of its input's pixels in `box`
+        ((r0, r1), (c0, c1): the tile's own pixels) to its totals and stops the forward
+        (`StopStage`, which the caller catches)."""
+        with self._patched(collect=False, box=box):
+            yield
+
+    def settle(self) -> bool:
+        """Moments from the sums that `measure` gathered over the whole scene; False if none
+        were (every layer reached had its moments)."""
+        for key, (count, total, squares) in self.sums.items():
+            mean = total / count
+            self.moments[key] = (mean, (squares / count - mean * mean).clamp(min=0))
+        settled, self.sums = bool(self.sums), {}
+        return settled
+
+    def _add_sums(self, layer: nn.Module, box, x: torch.Tensor) -> None:
+        (r0, r1), (c0, c1) = box
+        own = x[..., r0:r1, c0:c1].double()
+        sums = [own[0, 0].numel(), own.sum((-2, -1)), own.square().sum((-2, -1))]
+        old = self.sums.get(id(layer))
+        self.sums[id(layer)] = sums if old is None else [a + b for a, b in zip(old, sums)]
+        raise StopStage
+
+    @contextlib.contextmanager
+    def _patched(self, collect: bool, box=None):
         for layer in self.layers:
             method = self._group_norm if isinstance(layer, nn.GroupNorm) else self._attention
             layer.forward = partial(method, layer, collect)  # shadows the class method
+            if box is not None and id(layer) not in self.moments:
+                layer.forward = partial(self._add_sums, layer, box)
         try:
             yield
         finally:

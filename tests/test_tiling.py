@@ -19,6 +19,7 @@ from ldm.diffusion import draw_noise
 from ldm.upsampler import ScaleAwareUpsampler
 from models.inference import Geometry, SceneTiler, glibc_library
 from models.scene_stats import SceneStatistics
+from models.stream import stream_chain
 from models.tiling import axis_weights, split_axis, tile_grid
 from tests.conftest import ROOT, shared_path, tiny_config
 from utils.config import instantiate_from_config
@@ -327,6 +328,85 @@ def test_tiles_agree_with_the_untiled_run_on_a_scene(model, source):
 
     assert psnr(tiled(), ref) >= 45  # measured 75 dB
     assert psnr(tiled(stats_pixels=0), ref) < psnr(tiled(), ref) - 10  # measured 56 dB
+
+
+def test_render_tiles_within_the_budget_give_the_untiled_result_above_the_stats_threshold(model):
+    """A 192 x 192 output in 3 x 3 render tiles of 16 LR px, the statistics threshold lowered far
+    below the scene (the reference pass would be an estimate): the stages with scene-wide
+    statistics fit the budget and run whole, so tiled = untiled up to float rounding. Without
+    a budget for them (budget 0) the decoder tiles carry estimated statistics and differ."""
+    lr = F.interpolate(scene_image("generated"), size=(48, 48), mode="area")
+    ref = sr(model, lr, (192, 192), 5, tile=0)
+    geo = Geometry((48, 48), (192, 192))
+
+    def tiled(budget):
+        tiler = SceneTiler(16, 4, condition_tile=16, stats_pixels=1024, budget=budget, **UNET_TILES)
+        with model.ema_scope():
+            out = tiler.super_resolve(
+                model, lr * 2 - 1, (192, 192), torch.Generator().manual_seed(5)
+            )
+        return (out + 1) / 2, tiler.plan(geo, tiler.whole_stages(model, geo, 1))
+
+    out, plan = tiled(budget=64 << 20)
+    assert len(plan["render"]) == 9 and "decoder" not in plan
+    assert all(len(plan[k]) == 1 for k in ("condition", "unet", "latent", "sr"))
+    assert (out - ref).abs().max() < 1e-5
+    out, plan = tiled(budget=0)
+    assert min(len(plan[k]) for k in ("decoder", "condition", "unet")) > 1
+    assert (out - ref).abs().max() > 1e-4
+
+
+def test_a_condition_encoder_over_the_budget_streams_with_exact_statistics(model):
+    """Over its budget the condition encoder streams by bands of rows (activations spilled to a
+    file when over the limit): the untiled statistics, exactly, where the reference pass of
+    per-tile runs would estimate them."""
+    enc = model.cond_stage_model
+    x = torch.randn(1, 3, 200, 168) * torch.linspace(0.2, 2, 168)  # [1, 3, H, W] non-stationary
+    with torch.inference_mode():
+        ref = enc(x)
+        for limit in (1 << 40, 0):  # in memory; every activation in a file
+            stats = SceneStatistics([enc], (nn.GroupNorm,))
+            out = stream_chain(enc.stages(), x, stats, 2000, limit)  # bands of ~10 rows
+            assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
+        lr, geo = torch.rand(1, 3, 48, 48) * 2 - 1, Geometry((48, 48), (192, 192))
+        tiler = SceneTiler(16, 4, condition_tile=16, latent_overlap=8, budget=1 << 20)
+        plan = tiler.plan(geo, frozenset())
+        cond = tiler.condition(model, lr, geo, plan)
+        assert (cond - model.encode_condition(lr, (192, 192))).abs().max() < 1e-5
+        ae, hr = model.first_stage_model, torch.rand(1, 3, 192, 192) * 2 - 1  # stage 1: posterior
+        lr_up = F.interpolate(lr, size=(192, 192), mode="bicubic", align_corners=False)
+        crop = lambda size, rows, cols: ae.build_encoder_input(hr, lr_up)  # noqa: E731 (whole)
+        z = tiler.encode(ae, crop, geo, plan["condition"], posterior=True)
+        assert (z - ae.encode(hr, lr).mode()).abs().max() < 1e-5
+
+
+def test_stages_run_whole_only_where_their_estimate_fits_the_budget(model):
+    geo = Geometry((48, 48), (192, 192))
+    stages = model.stage_bytes(geo.lr, geo.out)
+    assert set(stages) == {"condition", "unet", "latent", "sr"} and min(stages.values()) > 0
+    held = 4 * 6 * 192 * 192  # result and blending totals
+    cut_off = sorted(stages.values())[1] + held  # the two smallest estimates fit
+    whole = SceneTiler(budget=cut_off).whole_stages(model, geo, 1)
+    assert whole == {k for k, v in stages.items() if v + held <= cut_off} and len(whole) == 2
+    assert SceneTiler(budget=None).whole_stages(model, geo, 1) == set(stages)
+    assert SceneTiler().whole_stages(model, geo, 1) == set()  # budget 0: the old tiling
+
+
+def test_automatic_memory_budget_follows_the_available_memory(monkeypatch):
+    import models.inference as inference
+    from utils.cli import memory_size
+
+    if Path("/proc/meminfo").exists():  # Linux: MemAvailable
+        assert inference.available_memory(torch.device("cpu")) > 0
+    monkeypatch.setattr(inference, "available_memory", lambda device: 8 * 2**30)
+    assert inference.memory_budget("auto", torch.device("cpu")) == 6.0  # 3/4 of it
+    assert inference.memory_budget(2, torch.device("cpu")) == 2.0
+    assert inference.memory_budget(None, torch.device("cpu")) is None
+    monkeypatch.setattr(inference, "available_memory", lambda device: None)
+    assert inference.memory_budget("auto", torch.device("cpu")) == 2.0
+    assert memory_size("auto") == "auto" and memory_size("1.5") == 1.5
+    with pytest.raises(Exception, match="GB > 0"):
+        memory_size("-1")
 
 
 def test_plan_aligns_latent_tiles_and_maps_lr_tiles_to_the_scene_grid():

@@ -59,3 +59,16 @@ def check_writable_folder(folder: str | Path, flag: str, error: type[Exception] 
             f"{flag} {folder} is not writable ({err.strerror or err} in {existing}); choose "
             f"another {flag}"
         ) from err
+
+
+def memory_size(value: str) -> float | str:
+    """`--max-memory` values: "auto" (a share of the memory available at run time) or GB > 0."""
+    if value == "auto":
+        return value
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give GB > 0 (e.g. 2) or 'auto'")
+    return gb

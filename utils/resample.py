@@ -108,7 +108,12 @@ def cut(x: torch.Tensor, box, memory_format=None) -> torch.Tensor:
 
 def resize_crop(x, out_size, rows, cols, mode, offset=(0, 0), in_size=None) -> torch.Tensor:
     """Window rows x cols of `F.interpolate(global, out_size, mode)`; `x` is the global input's
-    crop at `offset` (the whole input when `in_size` is None)."""
+    crop at `offset` (the whole input when `in_size` is None).
+
+    At integer factors (output = k x input on each axis) the crop of every tap the window reads
+    is resized by `F.interpolate` itself and cut to the window: its sample positions are the
+    global ones shifted by whole pixels, and clamping at its border only touches outputs whose
+    taps leave it (outside the window)."""
     in_size = tuple(x.shape[-2:]) if in_size is None else tuple(in_size)
     full = tuple(x.shape[-2:]) == in_size
     if full and rows == (0, out_size[0]) and cols == (0, out_size[1]):
@@ -120,4 +125,15 @@ def resize_crop(x, out_size, rows, cols, mode, offset=(0, 0), in_size=None) -> t
     if full and offset == (0, 0):  # crop to what the window reads
         spans = [m.span for m in maps]
         x, offset = cut(x, spans), (spans[0][0], spans[1][0])
+    factors = [m // n if m % n == 0 else 0 for m, n in zip(out_size, in_size)]
+    spans = [m.span for m in maps]
+    inside = all(o <= a and b <= o + n for (a, b), o, n in zip(spans, offset, x.shape[-2:]))
+    if all(factors) and inside:  # integer factors: resize what the window reads, then cut
+        x = cut(x, [(a - o, b - o) for (a, b), o in zip(spans, offset)])
+        (k0, k1), (o0, o1) = factors, (spans[0][0], spans[1][0])
+        corners = None if mode == "nearest" else False
+        up = F.interpolate(x, size=(k0 * x.shape[-2], k1 * x.shape[-1]), mode=mode,
+                           align_corners=corners)  # fmt: skip
+        (a, b), (c, d) = rows, cols
+        return up[..., a - k0 * o0 : b - k0 * o0, c - k1 * o1 : d - k1 * o1]
     return resize_window(x, maps, offset)
