@@ -74,7 +74,9 @@ from data.scene_io import (
 )
 from data.uncertainty_maps import raster_uncertainty, uncertainty_paths, write_uncertainty
 from models import load_sr_model
-from models.inference import MIN_TILE, PRECISIONS, check_output_size, memory_budget
+from models.geometry import check_output_size
+from models.inference import MIN_TILE, PRECISIONS
+from models.memory import memory_budget
 from models.uncertainty import seeds_from
 from utils.cli import HelpFormatter, check_writable_folder, memory_size
 from utils.config import ConfigError

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.speed import PeakMemory  # noqa: E402
-from models.inference import memory_budget  # noqa: E402
+from models.memory import memory_budget  # noqa: E402
 from tests.helpers import randomize_zero_init  # noqa: E402
 from utils.cli import HelpFormatter, memory_size  # noqa: E402
 from utils.config import instantiate_from_config  # noqa: E402

@@ -32,7 +32,7 @@ from evaluation.scoring import Metrics, load_metrics, parse_metrics, score_batch
 from evaluation.sr_folders import SROutputs
 from evaluation.tables import IMAGE_COLUMNS, memory_kind, write_csv
 from evaluation.uncertainty import UncertaintyReport, sample_with_uncertainty
-from models.inference import min_output_side
+from models.geometry import min_output_side
 from utils.cli import check_writable_folder
 from utils.distributed import World
 from utils.image_io import load_image, to_tensor01

@@ -19,8 +19,9 @@ from torch import nn
 from torchvision.utils import save_image
 
 from ldm.distributions import DiagonalGaussianDistribution
+from models.geometry import check_output_size
 from models.guard import NonFiniteLossGuard
-from models.inference import check_output_size, run_tiled
+from models.inference import run_tiled
 from utils.checkpoint import load_weights
 from utils.config import instantiate_from_config, to_plain
 from utils.metrics import psnr

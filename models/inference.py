@@ -31,11 +31,7 @@ tile and its context.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +41,11 @@ from tqdm import tqdm
 from ldm.blocks import ContrastChannelAttention
 from ldm.diffusion import draw_noise
 from ldm.distributions import DiagonalGaussianDistribution
+from models.geometry import Geometry
+from models.memory import memory_budget, release_memory, retained_heap
 from models.scene_stats import SceneStatistics
 from models.stream import stream_chain
 from models.tiling import (
-    OutputWindow,
     accumulate,
     grow,
     shrink,
@@ -65,109 +62,7 @@ MIN_TILE = 16  # LR pixels
 # LR pixels around a render tile: the upsampler's 3x3 convolutions on the 1x, 2x and 4x grids
 # reach 1 + 1/2 + 1/4 LR pixels, its bilinear taps 1 pixel of the finest grid, the bicubic skip 2.
 RENDER_CONTEXT = 3
-MEMORY_MARGIN = 0.75  # share of the available memory that the automatic budget uses
 log = logging.getLogger(__name__)
-
-
-def min_output_side(model: nn.Module) -> int:
-    """Smallest output side the model runs at: `2**levels` px of its condition encoder (stage 2)
-    or encoder (stage 1), a 2-px latent; a 1-px latent breaks GroupNorm in narrow configs."""
-    encoder = getattr(model, "cond_stage_model", None) or getattr(model, "encoder", None)
-    levels = len(getattr(encoder, "down", ()))
-    return 2**levels if levels else 1
-
-
-def check_output_size(model: nn.Module, out_size) -> None:
-    """Raises ValueError naming the size and the fix when an output side is below
-    `min_output_side(model)` (test.py, super_resolve.py and the Python API share this rule)."""
-    least = min_output_side(model)
-    if min(int(out_size[0]), int(out_size[1])) < least:
-        raise ValueError(
-            f"output size {int(out_size[0])}x{int(out_size[1])} is too small for this model: "
-            f"each side must be >= {least} px; use a larger scale (or --size), or a larger image"
-        )
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Sizes of one scene: LR (h, w), output (H, W), latent (H//8, W//8); scale = H / h.
-
-    With `window` (a block of a larger scene whose output size is `out`; `OutputWindow`'s
-    fields), `lr` is the block's LR crop, `out` becomes the crop's share of the scene's output
-    (the size its latent stages run at), `window` an `OutputWindow` and the result
-    (`target`) the window's pixels of the scene's output grid.
-    """
-
-    lr: tuple[int, int]
-    out: tuple[int, int]
-    window: OutputWindow | None = None
-
-    def __post_init__(self):
-        if self.window is not None:
-            w, scene_out = self.window, self.out
-            share = tuple(round(n * m / s) for n, m, s in zip(self.lr, scene_out, w.lr_size))
-            window = OutputWindow(*(tuple(v) for v in (w.lr_size, scene_out, w.offset)),
-                                  tuple(w.rows), tuple(w.cols))  # fmt: skip
-            object.__setattr__(self, "out", share)
-            object.__setattr__(self, "window", window)
-
-    @property
-    def latent(self) -> tuple[int, int]:
-        return self.out[0] // 8, self.out[1] // 8
-
-    @property
-    def scene(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(LR size, output size) of the whole scene."""
-        if self.window is None:
-            return self.lr, self.out
-        return self.window.lr_size, self.window.out_size
-
-    @property
-    def scene_lr(self) -> tuple[int, int]:
-        return self.scene[0]
-
-    @property
-    def scale(self) -> float:
-        return self.scene[1][0] / self.scene[0][0]
-
-    @property
-    def target(self) -> tuple[int, int]:
-        """Size of the result: the output, or the block's window."""
-        if self.window is None:
-            return self.out
-        return tuple(b - a for a, b in (self.window.rows, self.window.cols))
-
-    def output_window(self, offset, rows, cols) -> OutputWindow:
-        """The `OutputWindow` of a decoder tile: LR crop at `offset` of `lr`, output `rows` x
-        `cols` of the result, in the scene's coordinates."""
-        if self.window is None:
-            return OutputWindow(self.lr, self.out, tuple(offset), rows, cols)
-        (o0, o1), (r0, c0) = self.window.offset, (self.window.rows[0], self.window.cols[0])
-        shift = lambda ax, d: (ax[0] + d, ax[1] + d)  # noqa: E731
-        return OutputWindow(*self.scene, (o0 + offset[0], o1 + offset[1]), shift(rows, r0),
-                            shift(cols, c0))  # fmt: skip
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that a computation on `device` may still take: the free memory of a CUDA device
-    (`torch.cuda.mem_get_info`), else the kernel's MemAvailable (Linux); None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def memory_budget(max_memory, device: torch.device) -> float | None:
-    """The memory budget in GB: `max_memory` itself (a number, or None = unbounded), or for
-    "auto" `MEMORY_MARGIN` of `available_memory(device)` (2 GB when that is unknown)."""
-    if max_memory != "auto":
-        return None if max_memory is None else float(max_memory)
-    free = available_memory(device)
-    return 2.0 if free is None else MEMORY_MARGIN * free / 2**30
 
 
 def choose_tile(peak_bytes: int, max_memory: float | None, scale: float, overlap: int) -> int:
@@ -500,60 +395,6 @@ class SceneTiler:
         finally:
             self._bar.close()
             self._bar = None
-
-
-# glibc mallopt parameters (malloc.h), and the values set after `retained_heap`: the default
-# mmap limit, and the thresholds where glibc's own adjustment ends in a process that frees large
-# blocks (32 MiB for mapping, twice that for trimming).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-AFTER = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
-
-
-@functools.cache
-def glibc_library():
-    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    except (OSError, TypeError):
-        return None
-    return libc if hasattr(libc, "gnu_get_libc_version") else None
-
-
-def release_memory() -> None:
-    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere), so that the
-    resident size of a long tiled run follows what is alive rather than its fragmented high-water
-    marks."""
-    libc = glibc_library()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@contextlib.contextmanager
-def retained_heap(device: torch.device):
-    """Keep freed CPU memory in the process's heap for reuse during the block (glibc only; used
-    for untiled runs).
-
-    By default glibc maps every large block (a full-size activation) fresh from the OS and
-    unmaps it on free, so each new activation pays a page fault per 4 KiB on first touch: about
-    2 s of a 12 s x4 600x600 run on one thread (measured). Inside the block large
-    blocks come from the heap and freed memory is not trimmed; on exit it is returned to the OS
-    (`release_memory`). Setting these parameters turns off glibc's dynamic adjustment of its mmap
-    and trim thresholds for the rest of the process, so on exit they are set to the values that
-    adjustment reaches in a process freeing large blocks (`AFTER`): blocks of 32 MiB and more are
-    mapped. No effect on CUDA tensors' memory or on other C libraries.
-    """
-    libc = glibc_library() if device.type == "cpu" else None
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        for param, value in AFTER.items():
-            libc.mallopt(param, value)
-        release_memory()
 
 
 def run_tiled(

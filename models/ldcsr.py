@@ -18,8 +18,9 @@ from torch import nn
 from ldm.diffusion import GaussianDiffusion
 from ldm.ema import LitEma
 from models.autoencoder import save_validation_grid
+from models.geometry import Geometry, check_output_size
 from models.guard import NonFiniteLossGuard
-from models.inference import Geometry, check_output_size, run_tiled
+from models.inference import run_tiled
 from models.uncertainty import sample_spread
 from utils.checkpoint import load_weights
 from utils.config import ConfigError, instantiate_from_config, to_plain

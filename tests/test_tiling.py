@@ -17,7 +17,9 @@ from data.synthetic import generate_scene
 from ldm.blocks import ContrastChannelAttention, channel_moments, pointwise
 from ldm.diffusion import draw_noise
 from ldm.upsampler import ScaleAwareUpsampler
-from models.inference import Geometry, SceneTiler, glibc_library
+from models.geometry import Geometry
+from models.inference import SceneTiler
+from models.memory import glibc_library
 from models.scene_stats import SceneStatistics
 from models.stream import stream_chain
 from models.tiling import axis_weights, split_axis, tile_grid
@@ -240,7 +242,7 @@ def test_channel_moments_and_pointwise_equal_the_plain_ops(channels_last):
 RETAINED_HEAP_CHECK = """
 import os
 import torch
-from models.inference import retained_heap
+from models.memory import retained_heap
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -393,7 +395,7 @@ def test_stages_run_whole_only_where_their_estimate_fits_the_budget(model):
 
 
 def test_automatic_memory_budget_follows_the_available_memory(monkeypatch):
-    import models.inference as inference
+    import models.memory as inference
     from utils.cli import memory_size
 
     if Path("/proc/meminfo").exists():  # Linux: MemAvailable
