@@ -116,8 +116,8 @@ def tiny_sr_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
-    """Small crops of holdout images as prepared datasets HOLD and ONE
-    (`tests.evaluation_cases.make_data_root`); skips without ../shared."""
+    """Small crops of holdout images (generated scenes without ../shared) as prepared datasets
+    HOLD and ONE (`tests.evaluation_cases.make_data_root`)."""
     from tests.evaluation_cases import make_data_root
 
     return make_data_root(tmp_path_factory.mktemp("dataset"))

@@ -1,6 +1,7 @@
 """Shared cases of the test.py end-to-end tests (test_evaluate.py, test_protocols.py): test.py
-loaded as a module, small crops of holdout images laid out as data/prepare_split.py writes them,
-and one seeded run over them (the session fixtures `data_root` and `e2e` of tests/conftest.py)."""
+loaded as a module, small crops of holdout images laid out as data/prepare_split.py writes them
+(generated aerial scenes of the same sizes in a clone without ../shared), and one seeded run over
+them (the session fixtures `data_root` and `e2e` of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data.synthetic import generate_scene
 from data.transforms import lr_size, resize_bicubic
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, SHARED
 from utils.image_io import load_image
 
 _spec = importlib.util.spec_from_file_location("ldcsr_test_cli", ROOT / "test.py")
@@ -28,15 +30,15 @@ SIZES = {"a.png": (40, 40), "b.png": (40, 40), "c.png": (40, 32)}  # Pillow (W, 
 
 
 def make_data_root(root: Path) -> Path:
-    """<root>/HOLD (a, b, c) and <root>/ONE (c) as data/prepare_split.py writes them."""
-    holdout = shared_path("data", "holdout")
+    """<root>/HOLD (a, b, c) and <root>/ONE (c) as data/prepare_split.py writes them: crops of
+    holdout images, or generated scenes of the same sizes where ../shared is absent."""
+    holdout = SHARED / "data" / "holdout"
     for dataset, names in (("HOLD", ["a.png", "b.png", "c.png"]), ("ONE", ["c.png"])):
         hr_dir, lr_dir = root / dataset / "test" / "HR", root / dataset / "test" / "LR" / "X2"
         hr_dir.mkdir(parents=True)
         lr_dir.mkdir(parents=True)
         for name in names:
-            source, box = CROPS[name]
-            hr = load_image(holdout / source).crop(box).resize(SIZES[name], Image.BICUBIC)
+            hr = _hr_image(holdout, name)
             hr.save(hr_dir / name)
             resize_bicubic(hr, lr_size((hr.height, hr.width), 2)).save(lr_dir / name)
     return root
@@ -51,3 +53,12 @@ def run_cli(ckpt, data_root, out, *args, dataset="ONE"):
 def png(path) -> np.ndarray:
     """An image file as a numpy array, as stored."""
     return np.asarray(Image.open(path))
+
+
+def _hr_image(holdout: Path, name: str) -> Image.Image:
+    """The HR test image `name`: its holdout crop, else a generated scene of its size."""
+    width, height = SIZES[name]
+    source, box = CROPS[name]
+    if (holdout / source).is_file():
+        return load_image(holdout / source).crop(box).resize((width, height), Image.BICUBIC)
+    return generate_scene((height, width), seed=(11, list(CROPS).index(name)))
