@@ -65,6 +65,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small tensors, where OpenMP synchronisation would dominate;
+    and the arithmetic of launched processes run with OMP_NUM_THREADS=1). Modules ask for it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or pytest.skip naming what is missing."""
     path = SHARED.joinpath(*parts)

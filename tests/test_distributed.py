@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import super_resolve
 import test as evaluate_cli
@@ -29,12 +28,7 @@ KILL_TIMEOUT = 120  # s to wait for the first SR image before killing a rank
 NAMES = [f"im{i}.png" for i in range(7)]  # 5 of 48x48 and 2 of 48x40: batches of two sizes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): same arithmetic
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hr_images(folder: Path) -> Path:

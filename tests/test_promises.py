@@ -23,13 +23,7 @@ from models import load_sr_model
 from models.inference import SceneTiler
 from utils.resample import resize_crop
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small images: OpenMP synchronisation would dominate
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*args) -> int:

@@ -25,18 +25,13 @@ from tests.conftest import ROOT
 from tests.helpers import write_rgb
 from tests.test_geotiff import bicubic
 
-pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 _spec = importlib.util.spec_from_file_location("ldcsr_test_cli_reliability", ROOT / "test.py")
 test_cli = importlib.util.module_from_spec(_spec)  # `import test` could give the stdlib package
 _spec.loader.exec_module(test_cli)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sr(*args) -> int:

@@ -15,13 +15,7 @@ from rasterio.transform import from_origin
 import super_resolve
 from data.scene_io import read_scene
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny images: OpenMP synchronisation would dominate
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -20,13 +20,7 @@ from models import load_sr_model
 from models.uncertainty import sample_spread, seeds_from
 from tests.helpers import randomize_zero_init
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
