@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import super_resolve
 import test as evaluate_cli
@@ -55,9 +56,12 @@ def setup(tmp_path_factory, tiny_sr_checkpoint):
     argv += ["HOLD", "--scales", "2,3", "--metrics", "psnr,ssim,fid", "--fid-dims", "64"]
     argv = [str(a) for a in argv + ["--batch-size", "2", "--device", "cpu", "--no-report"]]
     os.environ["TORCH_HOME"], previous = str(root / "torch_home"), os.environ.get("TORCH_HOME")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes: the same arithmetic (FID to the bit)
     try:
         evaluate_cli.main([*argv, "--out-dir", str(root / "one")])
     finally:
+        torch.set_num_threads(threads)
         os.environ.pop("TORCH_HOME") if previous is None else os.environ.update(TORCH_HOME=previous)
     return root, argv
 
