@@ -23,7 +23,7 @@ where it does not) and the output is rendered in tiles; the diffusion noise is d
 the whole scene's latent and every tile is conditioned on the scene's scale and size, so tiles
 agree (docs/method.md, "Tiled inference").
 
-Formats (data/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
+Formats (scenes/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
 as PNG with the input's bands and bit depth. TIFF/GeoTIFF of any size, band count and dtype are
 streamed block by block from disk to disk (memory does not grow with the scene; a scene whose
 output fits --max-memory is one block, so it gets the same pixels as the same image in PNG; the
@@ -63,8 +63,13 @@ from pathlib import Path
 
 import torch
 
-from data.raster import open_raster, parse_bands, parse_value_range, raster_size
-from data.scene_io import (
+from models import load_sr_model
+from models.geometry import check_output_size
+from models.inference import MIN_TILE, PRECISIONS
+from models.memory import memory_budget
+from models.uncertainty import seeds_from
+from scenes.raster import open_raster, parse_bands, parse_value_range, raster_size
+from scenes.scene_io import (
     BLOCK,
     is_raster,
     output_suffix,
@@ -72,12 +77,7 @@ from data.scene_io import (
     super_resolve_raster,
     write_scene,
 )
-from data.uncertainty_maps import raster_uncertainty, uncertainty_paths, write_uncertainty
-from models import load_sr_model
-from models.geometry import check_output_size
-from models.inference import MIN_TILE, PRECISIONS
-from models.memory import memory_budget
-from models.uncertainty import seeds_from
+from scenes.uncertainty_maps import raster_uncertainty, uncertainty_paths, write_uncertainty
 from utils.cli import HelpFormatter, check_writable_folder, memory_size
 from utils.config import ConfigError
 from utils.distributed import init_world

@@ -25,10 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from utils.checkpoint import AtomicCheckpointIO
-from utils.cli import HelpFormatter
-from utils.config import ConfigError, instantiate_from_config, load_config
-from utils.training import (
+from training.run import (
     build_callbacks,
     build_loggers,
     check_resumable,
@@ -43,6 +40,9 @@ from utils.training import (
     trainer_config,
     write_run_record,
 )
+from utils.checkpoint import AtomicCheckpointIO
+from utils.cli import HelpFormatter
+from utils.config import ConfigError, instantiate_from_config, load_config
 
 log = logging.getLogger("train")
 RUN_DIR_ENV = "LDCSR_RUN_DIR"

@@ -1,7 +1,7 @@
 """Peak memory of streamed GeoTIFF super-resolution against the scene size (not a test).
 
 Writes 4-band uint16 GeoTIFFs of each --sizes LR size, then super-resolves each at --scale in a
-fresh process (data.scene_io.super_resolve_raster) and prints its peak RSS (ru_maxrss) and wall
+fresh process (scenes.scene_io.super_resolve_raster) and prints its peak RSS (ru_maxrss) and wall
 time as a markdown table. --model bicubic is a bicubic `sr_fn`; --model tiny is
 configs/tiny/second_stage.yaml with random weights through `LDCSR.super_resolve`.
 
@@ -29,7 +29,7 @@ from rasterio.windows import Window
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.scene_io import super_resolve_raster  # noqa: E402
+from scenes.scene_io import super_resolve_raster  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 from utils.resample import resize_crop  # noqa: E402
 

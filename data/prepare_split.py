@@ -27,9 +27,9 @@ if __package__ in (None, ""):  # run as `python data/prepare_split.py`: import f
 
 from tqdm import tqdm  # noqa: E402
 
-from data.atomic import atomic_output  # noqa: E402
 from data.datasets import flat_names, load_split_pickle, seeded_split  # noqa: E402
 from data.transforms import lr_size, resize_bicubic  # noqa: E402
+from utils.atomic import atomic_output  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 from utils.image_io import ImageReadError, list_images, load_image, verify_image  # noqa: E402
 
@@ -46,7 +46,7 @@ def check_output(output_path: Path, overwrite: bool) -> None:
 
 
 def save_png(img, path: Path) -> None:
-    """Save whole or not at all (`data.atomic`): a stop (Ctrl-C, SIGTERM, a full disk) leaves
+    """Save whole or not at all (`utils.atomic`): a stop (Ctrl-C, SIGTERM, a full disk) leaves
     no half-written PNG that a later run would take for a prepared image."""
     with atomic_output(path) as tmp:
         img.save(tmp, format="PNG")

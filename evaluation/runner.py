@@ -24,7 +24,6 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from data.atomic import atomic_output
 from data.transforms import resize_bicubic
 from evaluation import pairs
 from evaluation.pairs import EvaluationError, Item, Source, parse_datatype, parse_scales
@@ -33,6 +32,7 @@ from evaluation.sr_folders import SROutputs
 from evaluation.tables import IMAGE_COLUMNS, memory_kind, write_csv
 from evaluation.uncertainty import UncertaintyReport, sample_with_uncertainty
 from models.geometry import min_output_side
+from utils.atomic import atomic_output
 from utils.cli import check_writable_folder
 from utils.distributed import World
 from utils.image_io import load_image, to_tensor01

@@ -12,9 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import spearmanr
 
-from data.uncertainty_maps import write_uncertainty
 from evaluation.tables import write_csv
 from models.uncertainty import seeds_from
+from scenes.uncertainty_maps import write_uncertainty
 from utils.metrics import crop_border_for, quantize
 
 KEPT_PIXELS = 1 << 16  # per image, for the calibration curve (an evenly strided subset)

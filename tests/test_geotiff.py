@@ -1,4 +1,4 @@
-"""GeoTIFF scenes (data/raster.py, data/scene_io.py): georeferencing, bands, radiometry, nodata,
+"""GeoTIFF scenes (scenes/raster.py, scenes/scene_io.py): georeferencing, bands, radiometry, nodata,
 streaming, COG and clear errors, on rasters the tests write, with a bicubic `sr_fn`."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.transform import from_origin
 
-import data.scene_io as scene_io
-from data.raster import RasterWriteError, parse_bands, parse_value_range, raster_size
-from data.scene_io import BlockWindow, read_scene, super_resolve_raster, write_scene
+import scenes.scene_io as scene_io
 from data.synthetic import generate_scene
+from scenes.raster import parse_bands, parse_value_range, raster_size
+from scenes.scene_io import BlockWindow, read_scene, super_resolve_raster, write_scene
 from tests.conftest import SHARED
+from utils.atomic import RasterWriteError
 from utils.image_io import ImageReadError
 from utils.resample import resize_crop
 

@@ -1,7 +1,9 @@
-"""Dependencies flow one way: scripts -> evaluation -> models -> data -> utils, ldm.
+"""Dependencies flow one way: scripts -> evaluation -> models -> data, scenes -> utils, ldm;
+training (train.py's orchestration) -> utils.
 
 `ldm` is pure PyTorch; `utils` holds small helpers that import no other package of ours; `data`
-reads and writes images without models; no library module imports a script or `tests`.
+(training data) and `scenes` (whole scenes on disk) read and write images without models; no
+library module imports a script or `tests`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPTS = ("train", "test", "super_resolve", "demo", "data.prepare_split")
-LIBRARY = ("ldm", "utils", "data", "models", "evaluation")
+LIBRARY = ("ldm", "utils", "data", "scenes", "training", "models", "evaluation")
 FORBIDDEN = {
-    "utils": ("data", "models", "evaluation", "ldm"),
-    "data": ("models", "evaluation"),
-    "models": ("evaluation",),
-    "evaluation": (),
-    "ldm": ("lightning", "pytorch_lightning", "omegaconf", "utils", "data", "models", "evaluation"),
+    "utils": ("data", "scenes", "training", "models", "evaluation", "ldm"),
+    "data": ("scenes", "training", "models", "evaluation"),
+    "scenes": ("data", "training", "models", "evaluation"),
+    "training": ("data", "scenes", "models", "evaluation"),
+    "models": ("training", "evaluation"),
+    "evaluation": ("training",),
+    "ldm": (
+        "lightning",
+        "pytorch_lightning",
+        "omegaconf",
+        "utils",
+        "data",
+        "scenes",
+        "training",
+        "models",
+        "evaluation",
+    ),
 }
 # ldm's only third-party imports: tensors, einops, and the LPIPS network of the stage-1 loss.
 LDM_ALLOWED = {"ldm", "torch", "numpy", "einops", "lpips", *sys.stdlib_module_names}

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 import super_resolve
-from data.scene_io import read_scene, super_resolve_raster
 from data.synthetic import generate_scene
 from models import load_sr_model
 from models.inference import SceneTiler
+from scenes.scene_io import read_scene, super_resolve_raster
 from utils.resample import resize_crop
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,9 +12,9 @@ import torch
 from models.guard import NonFiniteLossGuard
 from tests.conftest import ROOT, SUBPROCESS_TIMEOUT, tiny_config
 from tests.test_training import FAST, _train, image_dir, stage1_run  # noqa: F401 - fixtures
+from training.run import resolve_resume
 from utils.checkpoint import AtomicCheckpointIO
 from utils.config import instantiate_from_config
-from utils.training import resolve_resume
 
 
 def _ckpt(run):
@@ -156,7 +156,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 DDP_SCRIPT = r"""
 import sys, torch, train
 from pytorch_lightning.callbacks import Callback
-import utils.training as ut
+import training.run as ut
 
 class Dump(Callback):
     def on_train_end(self, trainer, pl_module):

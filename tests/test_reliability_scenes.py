@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 import super_resolve
-from data.atomic import atomic_output
-from data.scene_io import read_scene, super_resolve_raster, write_scene
 from models import load_sr_model
+from scenes.scene_io import read_scene, super_resolve_raster, write_scene
 from tests.conftest import ROOT
 from tests.helpers import write_rgb
 from tests.test_geotiff import bicubic
+from utils.atomic import atomic_output
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning"),

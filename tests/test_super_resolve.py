@@ -13,7 +13,7 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 import super_resolve
-from data.scene_io import read_scene
+from scenes.scene_io import read_scene
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

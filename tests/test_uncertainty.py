@@ -14,10 +14,10 @@ from rasterio.transform import from_origin
 
 import super_resolve
 import test as evaluate_cli
-from data.uncertainty_maps import colour_map, uncertainty_paths
 from evaluation.uncertainty import Calibration, spearman
 from models import load_sr_model
 from models.uncertainty import sample_spread, seeds_from
+from scenes.uncertainty_maps import colour_map, uncertainty_paths
 from tests.helpers import randomize_zero_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")

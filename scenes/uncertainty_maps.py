@@ -2,7 +2,7 @@
 
 The map itself is computed by `models.uncertainty` (per-pixel std of several samples' [0, 1]
 outputs, averaged over the colour channels). For a GeoTIFF scene the map is assembled from the
-N sample rasters written by `data.scene_io.super_resolve_raster`, window by window, and keeps the
+N sample rasters written by `scenes.scene_io.super_resolve_raster`, window by window, and keeps the
 output's georeferencing; pixels the output masks are NaN (the map's nodata).
 """
 
@@ -19,8 +19,8 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from data.raster import model_bands, open_raster, scene_stretch
-from data.scene_io import atomic_output
+from scenes.raster import model_bands, open_raster, scene_stretch
+from scenes.scene_io import atomic_output
 
 # Viridis at nine evenly spaced points (perceptually uniform, readable in grey and by the
 # colour-blind); the preview interpolates linearly between them.

@@ -14,7 +14,7 @@ PNG and JPEG (`read_scene`, `write_scene`): the model sees RGB in [0, 1] as
 
 A PNG/JPEG with a world file (georeferencing) is refused: convert it to GeoTIFF.
 
-TIFF and GeoTIFF (`super_resolve_raster`, any band count and dtype, see `data.raster` for the
+TIFF and GeoTIFF (`super_resolve_raster`, any band count and dtype, see `scenes.raster` for the
 bands, radiometry, nodata and georeferencing): the scene is cut into blocks of `block` LR pixels
 that read `overlap` more pixels on each side; each block is super-resolved on its own by `sr_fn`
 (within a block the model's own tiling applies), which computes the block's window of the whole
@@ -44,8 +44,7 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from data.atomic import atomic_output
-from data.raster import (
+from scenes.raster import (
     Span,
     Stretch,
     alpha_bands,
@@ -60,6 +59,7 @@ from data.raster import (
     scene_stretch,
     to_dtype,
 )
+from utils.atomic import atomic_output
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
 from utils.resample import resize_crop
 
@@ -244,7 +244,7 @@ def super_resolve_raster(
             [1, 3, *window.size] in [0, 1], the `BlockWindow` of the scene's output (the pixels
             the whole scene's output has there, so that blocks agree with an untiled run).
         out_size: (H, W) of the output scene.
-        bands: 1-based bands fed as R, G, B (`data.raster.parse_bands`); None = 1, 2, 3.
+        bands: 1-based bands fed as R, G, B (`scenes.raster.parse_bands`); None = 1, 2, 3.
         value_range: (min, max) of the radiometric stretch; None = per-scene 2-98 % percentiles
             (identity for 8 bit).
         cog: write a Cloud-Optimized GeoTIFF with overviews.

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from rasterio.errors import RasterioError
 
-from data.raster import RasterWriteError
+
+class RasterWriteError(OSError):
+    """An output (raster or image) could not be written (read-only or full folder); nothing is
+    left."""
 
 
 @contextmanager

@@ -50,10 +50,6 @@ TAG_PREFIX = "LDCSR_"
 STALE_TAG_PREFIX = "STATISTICS_"  # per-band pixel statistics, which no longer hold after SR
 
 
-class RasterWriteError(OSError):
-    """The output raster could not be written (read-only or full folder); nothing is left."""
-
-
 def parse_bands(text: str | None, error: type[Exception] = ValueError) -> tuple[int, ...] | None:
     """`--bands`: "3,2,1" -> (3, 2, 1); "1" -> (1, 1, 1) (grey); None -> None (the first three).
 
