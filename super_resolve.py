@@ -65,7 +65,8 @@ import torch
 
 from models import load_sr_model
 from models.geometry import check_output_size
-from models.inference import MIN_TILE, PRECISIONS
+from models.pipeline import PRECISIONS
+from models.tiling import MIN_TILE
 from models.memory import memory_budget
 from models.uncertainty import seeds_from
 from scenes.raster import open_raster, parse_bands, parse_value_range, raster_size

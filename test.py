@@ -98,7 +98,7 @@ from evaluation.scoring import DEFAULT_PROTOCOL, PROTOCOLS
 from evaluation.sr_folders import check_sr_dirs, parse_sr_dirs, scale_folder
 from evaluation.tables import write_summary
 from models import load_first_stage_model, load_sr_model
-from models.inference import check_tile
+from models.tiling import check_tile
 from utils.cli import HelpFormatter, memory_size
 from utils.config import ConfigError
 from utils.distributed import init_world

@@ -177,7 +177,6 @@ class GaussianDiffusion(nn.Module):
         noises=None,
         generator=None,
         shape=None,
-        return_trajectory: bool = False,
     ):
         """Run the reverse chain t = T-1, ..., 0 from x_T; differentiable (no ``no_grad`` inside).
 
@@ -193,10 +192,9 @@ class GaussianDiffusion(nn.Module):
             noises: [T, B, C, h, w] step noises, ``noises[i]`` for t = T-1-i.
             generator: optional CPU ``torch.Generator``.
             shape: (B, C, h, w) when ``x_T`` is None.
-            return_trajectory: also return every x_{t-1}.
 
         Returns:
-            x_0 [B, C, h, w], or (x_0, trajectory [T, B, C, h, w]) with ``return_trajectory``.
+            x_0 [B, C, h, w].
         """
         device, dtype = self.betas.device, self.betas.dtype
         if x_T is None:
@@ -208,12 +206,11 @@ class GaussianDiffusion(nn.Module):
                 f"GaussianDiffusion.sample: noises must have shape "
                 f"{(self.num_timesteps, *x_T.shape)}, got {tuple(noises.shape)}"
             )
-        x, trajectory = x_T, []
+        x = x_T
         for i, t in enumerate(reversed(range(self.num_timesteps))):
             if noises is None:
                 noise = _randn(x.shape, generator, x.device, x.dtype)
             else:
                 noise = noises[i]
             x = self.p_sample(denoise_fn, x, cond, t, noise)
-            trajectory.append(x)
-        return (x, torch.stack(trajectory)) if return_trajectory else x
+        return x

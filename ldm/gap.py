@@ -127,6 +127,10 @@ class GAPEncoder(nn.Module):
         """norm_out -> swish -> conv_out."""
         return self.conv_out(swish(self.norm_out(h), inplace=lean()))
 
+    def min_input_side(self) -> int:
+        """Smallest input side: 2**levels px, a 2-px output."""
+        return 2 ** len(self.down)
+
     def peak_elements(self, size: Sequence[int], batch: int = 1) -> int:
         """Rough count of the float activations alive at once on an input of `size`: about four
         maps of the first level's width at full resolution (inference)."""
@@ -170,8 +174,8 @@ class GAPDecoder(nn.Module):
             unaffected). "default" (paper, the authors' code): PyTorch's Linear init, so a_k, b_k
             start with random signs and about half of the SR features enter the lrelu negated,
             nearly zeroed. "identity": weights 0, biases 1 (a) and 0.1 (b), so the fusion starts
-            as ~x + 0.1 h and the SR branch passes through; on a CPU budget of minutes this is
-            what lets the tiny configs beat bicubic (README, "It learns").
+            as ~x + 0.1 h and the SR branch passes through (docs/results.md, "It learns",
+            has what it does to the tiny configs).
         lr_feature_dropout: our option, training only: the probability that a sample's LR
             features (`head`'s output) are zeroed, so that the decoder must rebuild the detail
             from the latent (plus the bicubic skip); 0 (the authors'): never. Meant against the

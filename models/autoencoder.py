@@ -19,9 +19,10 @@ from torch import nn
 from torchvision.utils import save_image
 
 from ldm.distributions import DiagonalGaussianDistribution
-from models.geometry import check_output_size
+from models.geometry import Geometry, check_output_size
 from models.guard import NonFiniteLossGuard
-from models.inference import run_tiled
+from models.memory import estimate_peak
+from models.pipeline import run
 from utils.checkpoint import load_weights
 from utils.config import instantiate_from_config, to_plain
 from utils.metrics import psnr
@@ -67,7 +68,7 @@ class AutoencoderKL(pl.LightningModule):
     The SR-only baseline (no latent at all) is `encoder_config: null` with the decoder's
     `use_latent: false`: the decoder is then trained as a plain continuous-scale SR network.
 
-    `learning_rate` is set by train.py from `model.base_learning_rate` (see utils/config.py).
+    `learning_rate` is set by train.py from `model.base_learning_rate` (`training.run`).
     """
 
     def __init__(
@@ -155,11 +156,31 @@ class AutoencoderKL(pl.LightningModule):
             log.info("dropped keys the authors' module never reads: %s", dropped)
 
     # ----------------------------------------------------------------------------- inference API
+    @torch.no_grad()
+    def reconstruct(self, lr: torch.Tensor, hr: torch.Tensor, **tiling) -> torch.Tensor:
+        """Stage-1 reconstruction `decode(mode(encode(hr, lr)), lr, hr size)`: LR [B, 3, h, w]
+        and HR [B, 3, H, W] in [0, 1] -> [B, 3, H, W] in [0, 1], through `models.pipeline`.
+
+        `tiling`: `max_memory`, `tile`, `tile_overlap`, `precision`, `progress` as in
+        `models.pipeline.run` (tiled when the estimated memory exceeds `max_memory` GB).
+        """
+        check_output_size(self, hr.shape[-2:])
+        lr, hr = lr.contiguous() * 2 - 1, hr.contiguous() * 2 - 1  # NCHW: see LDCSR.super_resolve
+        geo = Geometry.of(lr.shape[-2:], hr.shape[-2:])
+        stages = lambda p: p.reconstruct(self, lr, hr, geo).add_(1).div_(2)  # noqa: E731
+        return run(stages, self.peak_bytes(geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
+
     def encode(self, hr: torch.Tensor, lr: torch.Tensor) -> DiagonalGaussianDistribution:
         """hr: [B, 3, H, W], lr: [B, 3, h, w] in [-1, 1] -> posterior over [B, embed, H/8, W/8]."""
         lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
         return self.posterior(self.build_encoder_input(hr, lr_up))
 
+    def decode(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int], window=None):
+        """z: [B, embed, h_z, w_z], lr: [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size], unclamped
+        (with `window`, a block's window of a larger scene: see `GAPDecoder.forward`)."""
+        return self.decoder(self.post_quant_conv(z), lr, out_size, window)
+
+    # ---------------------------------------------------------------------- inference stages
     def build_encoder_input(self, hr: torch.Tensor, lr_up: torch.Tensor) -> torch.Tensor:
         """The encoder's input from HR and bicubic_up(LR) (same size): cat[lr_up, hr] or hr."""
         return hr if self.encoder_input == "hr" else torch.cat([lr_up, hr], dim=1)  # LR first
@@ -168,38 +189,48 @@ class AutoencoderKL(pl.LightningModule):
         """Encoder input [B, C, H, W] -> posterior over [B, embed, H/8, W/8]."""
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
-    def posterior_stages(self) -> list[tuple]:
-        """`posterior`'s network as a chain of (stage, halo, stride) (`GAPEncoder.stages`, then
-        the 1x1 `quant_conv`); its output is the posterior's parameters."""
-        return [*self.encoder.stages(), (self.quant_conv, 0, 1)]
+    def encode_mode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder input [B, C, H, W] -> the posterior's mode [B, embed, H/8, W/8]."""
+        return self.posterior(x).mode()
 
-    @torch.no_grad()
-    def reconstruct(self, lr: torch.Tensor, hr: torch.Tensor, **tiling) -> torch.Tensor:
-        """Stage-1 reconstruction `decode(mode(encode(hr, lr)), lr, hr size)`: LR [B, 3, h, w]
-        and HR [B, 3, H, W] in [0, 1] -> [B, 3, H, W] in [0, 1], in bounded memory.
+    def encode_mode_stages(self) -> list[tuple]:
+        """`encode_mode` as a chain of (stage, halo, stride) (`GAPEncoder.stages`, then the 1x1
+        `quant_conv` and the mode), which the pipeline streams by bands of rows."""
+        mode = lambda h: DiagonalGaussianDistribution(self.quant_conv(h)).mode()  # noqa: E731
+        return [*self.encoder.stages(), (mode, 0, 1)]
 
-        `tiling`: `max_memory`, `tile`, `tile_overlap`, `progress` as in
-        `models.inference.run_tiled` (tiled when the estimated memory exceeds `max_memory` GB).
-        """
-        check_output_size(self, hr.shape[-2:])
-        lr, hr = lr.contiguous() * 2 - 1, hr.contiguous() * 2 - 1  # NCHW: see LDCSR.super_resolve
+    def latent_features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Latent [B, embed, h_z, w_z] -> the decoder's h_k [B, ch, h_z, w_z] per level
+        (`post_quant_conv`, then `GAPDecoder.latent_features`)."""
+        return self.decoder.latent_features(self.post_quant_conv(z))
 
-        def untiled() -> torch.Tensor:
-            z = self.encode(hr, lr).mode() if self.use_latent else None
-            z = self.post_quant_conv(z) if self.use_latent else None
-            return self.decoder(z, lr, hr.shape[-2:]).clamp_(-1, 1).add_(1).div_(2)
+    def sr_branch(self, lr: torch.Tensor, feats, scale: float) -> torch.Tensor:
+        """The decoder's SR branch (`GAPDecoder.sr_branch`): lr [B, 3, h, w] in [-1, 1], h_k
+        [B, ch, h, w] (at the LR size; None without latent), scale H / h of the scene ->
+        features [B, ch, h, w]."""
+        return self.decoder.sr_branch(lr, feats, scale)
 
-        def tiled(tiler) -> torch.Tensor:
-            return tiler.reconstruct(self, lr, hr).add_(1).div_(2)
+    def render(self, x: torch.Tensor, lr: torch.Tensor, out_size, window=None) -> torch.Tensor:
+        """The decoder's output (`GAPDecoder.render`): SR features [B, ch, h, w] and lr
+        [B, 3, h, w] -> [B, 3, *out_size] in model space, unclamped (with `window`, a tile's
+        output window of the scene's grid)."""
+        return self.decoder.render(x, lr, out_size, window)
 
-        peak = self.peak_bytes(lr.shape[-2:], hr.shape[-2:], lr.shape[0])
-        return run_tiled(untiled, tiled, peak, hr.shape[-2] / lr.shape[-2], lr, **tiling)
+    def min_output_side(self) -> int:
+        """Smallest output side: that of a 2-px latent (`GAPEncoder.min_input_side`); 1 for the
+        SR-only baseline."""
+        return self.encoder.min_input_side() if self.use_latent else 1
+
+    def decode_elements(self, lr_size, out_size, batch: int = 1) -> int:
+        """Rough count of the decoder's float activations alive at once (inference)."""
+        return self.decoder.peak_elements(lr_size, out_size, batch)
 
     def peak_bytes(self, lr_size, out_size, batch: int = 1) -> int:
         """Rough peak activation memory of an untiled `reconstruct` (from this model's widths)."""
-        decoder = self.decoder.peak_elements(lr_size, out_size, batch)
         encoder = self.encoder.peak_elements(out_size, batch) if self.use_latent else 0
-        return 4 * (max(decoder, encoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
+        return estimate_peak(
+            (self.decode_elements(lr_size, out_size, batch), encoder), out_size, batch
+        )
 
     def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
         """Rough activation memory of the whole-scene stages with scene-wide statistics, as
@@ -211,11 +242,6 @@ class AutoencoderKL(pl.LightningModule):
             "sr": self.decoder.sr_branch_elements(lr_size, batch),
         }
         return {k: 4 * v for k, v in elements.items()}
-
-    def decode(self, z: torch.Tensor, lr: torch.Tensor, out_size: Sequence[int], window=None):
-        """z: [B, embed, h_z, w_z], lr: [B, 3, h, w] in [-1, 1] -> [B, 3, *out_size], unclamped
-        (with `window`, a block's window of a larger scene: see `GAPDecoder.forward`)."""
-        return self.decoder(self.post_quant_conv(z), lr, out_size, window)
 
     def forward(self, hr: torch.Tensor, lr: torch.Tensor, sample_posterior: bool = True):
         if not self.use_latent:  # SR-only baseline: a zero-KL stand-in posterior
@@ -273,7 +299,7 @@ class AutoencoderKL(pl.LightningModule):
         loss, log_dict = self.loss(
             hr, rec, posterior, optimizer_idx, self.loss_step(optimizer_idx), self.get_last_layer()
         )
-        stepped = self.guard.ok(self, loss)
+        stepped = self.guard.ok(self, self._trainer, loss)
         if stepped:
             opt.zero_grad()
             self.manual_backward(loss)

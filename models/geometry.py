@@ -12,11 +12,9 @@ from models.tiling import OutputWindow
 
 
 def min_output_side(model: nn.Module) -> int:
-    """Smallest output side the model runs at: `2**levels` px of its condition encoder (stage 2)
-    or encoder (stage 1), a 2-px latent; a 1-px latent breaks GroupNorm in narrow configs."""
-    encoder = getattr(model, "cond_stage_model", None) or getattr(model, "encoder", None)
-    levels = len(getattr(encoder, "down", ()))
-    return 2**levels if levels else 1
+    """Smallest output side the model (`LDCSR` or `AutoencoderKL`) runs at: its own
+    `min_output_side()`, a 2-px latent (a 1-px latent breaks GroupNorm in narrow configs)."""
+    return model.min_output_side()
 
 
 def check_output_size(model: nn.Module, out_size) -> None:
@@ -34,24 +32,27 @@ def check_output_size(model: nn.Module, out_size) -> None:
 class Geometry:
     """Sizes of one scene: LR (h, w), output (H, W), latent (H//8, W//8); scale = H / h.
 
-    With `window` (a block of a larger scene whose output size is `out`; `OutputWindow`'s
-    fields), `lr` is the block's LR crop, `out` becomes the crop's share of the scene's output
-    (the size its latent stages run at), `window` an `OutputWindow` and the result
-    (`target`) the window's pixels of the scene's output grid.
+    Build it with `Geometry.of`. For a block of a larger scene, `lr` is the block's LR crop, `out`
+    the crop's share of the scene's output (the size its latent stages run at), `window` an
+    `OutputWindow` (the scene's sizes, the crop's offset, the block's output rows x cols) and the
+    result (`target`) the window's pixels of the scene's output grid.
     """
 
     lr: tuple[int, int]
     out: tuple[int, int]
     window: OutputWindow | None = None
 
-    def __post_init__(self):
-        if self.window is not None:
-            w, scene_out = self.window, self.out
-            share = tuple(round(n * m / s) for n, m, s in zip(self.lr, scene_out, w.lr_size))
-            window = OutputWindow(*(tuple(v) for v in (w.lr_size, scene_out, w.offset)),
-                                  tuple(w.rows), tuple(w.cols))  # fmt: skip
-            object.__setattr__(self, "out", share)
-            object.__setattr__(self, "window", window)
+    @classmethod
+    def of(cls, lr_size, out_size, window=None) -> Geometry:
+        """The geometry of LR `lr_size` -> output `out_size`; with `window` (`OutputWindow`'s
+        fields: a block of a larger scene, `out_size` being the scene's output size) that of
+        the block."""
+        lr, out = (int(lr_size[0]), int(lr_size[1])), (int(out_size[0]), int(out_size[1]))
+        if window is None:
+            return cls(lr, out)
+        share = tuple(round(n * m / s) for n, m, s in zip(lr, out, window.lr_size))
+        fields = (window.lr_size, out, window.offset, window.rows, window.cols)
+        return cls(lr, share, OutputWindow(*(tuple(int(v) for v in f) for f in fields)))
 
     @property
     def latent(self) -> tuple[int, int]:
@@ -67,6 +68,10 @@ class Geometry:
     @property
     def scene_lr(self) -> tuple[int, int]:
         return self.scene[0]
+
+    @property
+    def scene_out(self) -> tuple[int, int]:
+        return self.scene[1]
 
     @property
     def scale(self) -> float:

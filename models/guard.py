@@ -23,10 +23,12 @@ class NonFiniteLossGuard:
         self.in_a_row = 0
         self.total = 0
 
-    def ok(self, module: pl.LightningModule, *losses: torch.Tensor) -> bool:
+    def ok(self, module: pl.LightningModule, trainer, *losses: torch.Tensor) -> bool:
+        """Whether `losses` are finite on every rank (`trainer`: the module's, None outside
+        one); logs and counts a skip otherwise."""
         finite = all(bool(torch.isfinite(loss).all()) for loss in losses)
-        if module._trainer is not None:  # all ranks take the same decision (DDP stays in step)
-            finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if trainer is not None:  # all ranks take the same decision (DDP stays in step)
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             self.in_a_row = 0
             return True

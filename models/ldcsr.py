@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.diffusion import GaussianDiffusion
+from ldm.diffusion import GaussianDiffusion, draw_noise
 from ldm.ema import LitEma
 from models.autoencoder import save_validation_grid
 from models.geometry import Geometry, check_output_size
 from models.guard import NonFiniteLossGuard
-from models.inference import run_tiled
+from models.memory import estimate_peak
+from models.pipeline import run
 from models.uncertainty import sample_spread
 from utils.checkpoint import load_weights
 from utils.config import ConfigError, instantiate_from_config, to_plain
@@ -78,11 +79,9 @@ class LDCSR(pl.LightningModule):
         max_skipped_batches: int = 20,
     ):
         super().__init__()
-        first_stage_config, cond_stage_config = (
-            to_plain(first_stage_config),
-            to_plain(cond_stage_config),
+        first_stage_config, cond_stage_config, unet_config = map(
+            to_plain, (first_stage_config, cond_stage_config, unet_config)
         )
-        unet_config = to_plain(unet_config)
         self.save_hyperparameters()
         fs_params = dict(first_stage_config.get("params") or {})
         fs_ckpt = fs_params.pop("ckpt_path", None)
@@ -117,33 +116,6 @@ class LDCSR(pl.LightningModule):
             load_weights(self, ckpt_path)
 
     # ----------------------------------------------------------------------------- inference API
-    def encode_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-        """lr in [-1, 1] -> condition c = CondEncoder(bicubic_up(lr, out_size)), latent-sized."""
-        lr_up = F.interpolate(lr, size=tuple(out_size), mode="bicubic", align_corners=False)
-        return self.cond_stage_model(lr_up)
-
-    def denoiser(self, lr_height: int, out_size: Sequence[int], batch: int):
-        """Returns `eps(x_t, cond, t)` for the UNet, with the scale/output-size embeddings bound."""
-        scale = torch.full((batch,), out_size[0] / lr_height, device=self.device)
-        out_height = torch.full((batch,), int(out_size[0]), device=self.device)
-
-        def denoise(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model.diffusion_model(torch.cat([x_t, cond], dim=1), t, scale, out_height)
-
-        return denoise
-
-    def sample_latent(self, lr, out_size, generator=None, x_T=None, noises=None, cond=None):
-        """Runs the T-step chain for `lr` in [-1, 1] -> z0 (scaled latent space)."""
-        cond = self.encode_condition(lr, out_size) if cond is None else cond
-        denoise = self.denoiser(lr.shape[-2], out_size, lr.shape[0])
-        return self.diffusion.sample(
-            denoise, x_T=x_T, cond=cond, noises=noises, generator=generator, shape=cond.shape
-        )
-
-    def decode_latent(self, z0: torch.Tensor, lr: torch.Tensor, out_size) -> torch.Tensor:
-        """Scaled latent -> image in [-1, 1] (clamped), via the frozen stage-1 decoder."""
-        return self.first_stage_model.decode(z0 / self.scale_factor, lr, out_size).clamp(-1, 1)
-
     @torch.no_grad()
     def super_resolve(
         self,
@@ -156,11 +128,11 @@ class LDCSR(pl.LightningModule):
     ) -> torch.Tensor:
         """LR batch [B, 3, h, w] in [0, 1] -> SR batch [B, 3, *out_size] in [0, 1] (float32).
 
-        The fast, memory-bounded path: the networks' inference-mode forwards, untiled when the
-        estimated activation memory (`peak_bytes`) fits `max_memory` GB, else tiled with one
-        noise field and shared normalisation statistics for the whole scene
-        (`models.inference`). `generator` (a CPU `torch.Generator`) makes the result identical on
-        CPU and GPU, tiled or not.
+        Runs the stages through `models.pipeline` (the networks' inference-mode forwards):
+        untiled when the estimated activation memory (`peak_bytes`) fits `max_memory` GB, else
+        tiled with one noise field and shared normalisation statistics for the whole scene.
+        `generator` (a CPU `torch.Generator`) makes the result identical on CPU and GPU, tiled
+        or not.
 
         Args:
             lr: LR images in [0, 1].
@@ -172,71 +144,30 @@ class LDCSR(pl.LightningModule):
                 the result the window rows x cols of the scene's output grid. The latent stages
                 see the crop (at its share of `out_size`) with the scene's scale and height.
             **tiling: `max_memory` (GB; default "auto": 3/4 of the available memory; None =
-                never tile), `tile` (LR pixels; None =
-                automatic, 0 = untiled), `tile_overlap` (16), `precision` ("fp32", "bf16",
-                "fp16") and `progress`, as in `models.inference.run_tiled`.
+                never tile), `tile` (LR pixels; None = automatic, 0 = untiled),
+                `tile_overlap` (16), `precision` ("fp32", "bf16", "fp16") and `progress`, as
+                in `models.pipeline.run`.
         """
-        out_size = (int(out_size[0]), int(out_size[1]))
         check_output_size(self, out_size)
         # NCHW whatever the caller's layout (a PIL image's tensor is channels-last), so that the
         # result does not depend on it: the layout picks the convolutions' summation order.
         lr = lr.contiguous() * 2 - 1
-        geo = Geometry(tuple(lr.shape[-2:]), out_size, window)
-
-        def untiled() -> torch.Tensor:
-            cond = self.encode_condition(lr, geo.out)
-            denoise = self.denoiser(geo.scene_lr[0], out_size, lr.shape[0])
-            z0 = self.diffusion.sample(denoise, cond=cond, generator=generator, shape=cond.shape)
-            sr = self.first_stage_model.decode(z0 / self.scale_factor, lr, out_size, geo.window)
-            return sr.clamp_(-1, 1).add_(1).div_(2)
-
-        def tiled(tiler) -> torch.Tensor:
-            return tiler.super_resolve(self, lr, out_size, generator, window).add_(1).div_(2)
-
-        peak = self.peak_bytes(lr.shape[-2:], geo.out, lr.shape[0])
+        geo = Geometry.of(lr.shape[-2:], out_size, window)
+        stages = lambda p: p.super_resolve(self, lr, geo, generator).add_(1).div_(2)  # noqa: E731
         with self.ema_scope(use_ema):
-            return run_tiled(untiled, tiled, peak, geo.scale, lr, **tiling)
-
-    def peak_bytes(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1) -> int:
-        """Rough peak activation memory of an untiled `super_resolve`, from this model's widths:
-        the larger of the condition encoder's and the decoder's, plus a few output images."""
-        cond = self.cond_stage_model.peak_elements(out_size, batch)
-        decoder = self.first_stage_model.decoder.peak_elements(lr_size, out_size, batch)
-        return 4 * (max(cond, decoder) + 6 * batch * int(out_size[0]) * int(out_size[1]))
-
-    def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
-        """Rough activation memory of each whole-scene stage whose normalisation statistics span
-        the scene (the tiler runs those that fit its budget whole): "condition", "unet",
-        "latent" (decoder's latent branch), "sr" (decoder's SR branch)."""
-        latent = (int(out_size[0]) // 8, int(out_size[1]) // 8)
-        dec = self.first_stage_model.decoder
-        elements = {
-            "condition": self.cond_stage_model.peak_elements(out_size, batch),
-            "unet": self.model.diffusion_model.peak_elements(latent, batch),
-            "latent": dec.latent_elements(latent, batch),
-            "sr": dec.sr_branch_elements(lr_size, batch),
-        }
-        return {k: 4 * v for k, v in elements.items()}
+            return run(stages, self.peak_bytes(geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
 
     @torch.no_grad()
     def super_resolve_condition(
         self, lr: torch.Tensor, out_size: Sequence[int], **tiling
     ) -> torch.Tensor:
         """The authors' `sr_kd`: the condition encoding decoded as if it were the sampled latent,
-        [0, 1] in and out; in bounded memory (`tiling` as in `super_resolve`)."""
-        out_size = (int(out_size[0]), int(out_size[1]))
+        [0, 1] in and out; through the same pipeline (`tiling` as in `super_resolve`)."""
         check_output_size(self, out_size)
         lr = lr.contiguous() * 2 - 1
-
-        def untiled() -> torch.Tensor:
-            cond = self.encode_condition(lr, out_size)
-            return self.decode_latent(cond, lr, out_size).add_(1).div_(2)
-
-        def tiled(tiler) -> torch.Tensor:
-            return tiler.decode_condition(self, lr, out_size).add_(1).div_(2)
-
-        peak = self.peak_bytes(lr.shape[-2:], out_size, lr.shape[0])
-        return run_tiled(untiled, tiled, peak, out_size[0] / lr.shape[-2], lr, **tiling)
+        geo = Geometry.of(lr.shape[-2:], out_size)
+        stages = lambda p: p.decode_condition(self, lr, geo).add_(1).div_(2)  # noqa: E731
+        return run(stages, self.peak_bytes(geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
 
     def super_resolve_samples(self, lr, out_size, seeds: Sequence[int], **options):
         """`super_resolve` once per seed -> (the sample of `seeds[0]` [B, 3, *out_size], the
@@ -248,15 +179,89 @@ class LDCSR(pl.LightningModule):
     @contextmanager
     def ema_scope(self, enabled: bool = True):
         """Temporarily swaps the EMA weights into the UNet."""
-        if not enabled:
+        with self.model_ema.average_parameters(self.model) if enabled else nullcontext():
             yield
-            return
-        self.model_ema.store(self.model.parameters())
-        self.model_ema.copy_to(self.model)
-        try:
-            yield
-        finally:
-            self.model_ema.restore(self.model.parameters())
+
+    # ---------------------------------------------------------------------- inference stages
+    def encode_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        """lr [B, 3, h, w] in [-1, 1] -> condition c = CondEncoder(bicubic_up(lr, out_size)),
+        [B, C, H/8, W/8]."""
+        lr_up = F.interpolate(lr, size=tuple(out_size), mode="bicubic", align_corners=False)
+        return self.encode_upsampled(lr_up)
+
+    def encode_upsampled(self, lr_up: torch.Tensor) -> torch.Tensor:
+        """The condition encoder on bicubic_up(lr) or a crop of it: [B, 3, H, W] in [-1, 1] ->
+        [B, C, H/8, W/8]."""
+        return self.cond_stage_model(lr_up)
+
+    def condition_stages(self) -> list[tuple]:
+        """`encode_upsampled` as a chain of (stage, halo, stride) (`GAPEncoder.stages`), which
+        the pipeline streams by bands of rows when the scene is too large to encode whole."""
+        return self.cond_stage_model.stages()
+
+    @property
+    def timesteps(self) -> int:
+        """T, the number of sampling steps."""
+        return self.diffusion.num_timesteps
+
+    def draw_noise(self, shape, generator: torch.Generator | None = None):
+        """x_T [*shape] and the T step noises [T, *shape] in the sampler's order
+        (`ldm.diffusion.draw_noise`), on this model's device in float32."""
+        betas = self.diffusion.betas
+        return draw_noise(tuple(shape), self.timesteps, generator, betas.device, betas.dtype)
+
+    def denoiser(self, scale: float, out_height: int, batch: int):
+        """Returns `eps(x_t, cond, t)` for the UNet, with the scale (H / h of the scene) and
+        output-height embeddings bound: x_t, cond [B, C, h_z, w_z], t [B] -> eps like x_t."""
+        scale = torch.full((batch,), scale, device=self.device)
+        out_height = torch.full((batch,), int(out_height), device=self.device)
+
+        def denoise(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model.diffusion_model(torch.cat([x_t, cond], dim=1), t, scale, out_height)
+
+        return denoise
+
+    def sample(self, denoise, x_T: torch.Tensor, cond, noises=None, generator=None):
+        """The T-step reverse chain from x_T [B, C, h_z, w_z] with `denoise(x_t, cond, t)` ->
+        z0 [B, C, h_z, w_z] (scaled latent space); differentiable."""
+        return self.diffusion.sample(denoise, x_T, cond, noises, generator, cond.shape)
+
+    def sample_latent(self, lr, out_size, generator=None, x_T=None, noises=None, cond=None):
+        """Runs the T-step chain for `lr` [B, 3, h, w] in [-1, 1] -> z0 (scaled latent space)."""
+        geo = Geometry.of(lr.shape[-2:], out_size)
+        cond = self.encode_condition(lr, geo.out) if cond is None else cond
+        denoise = self.denoiser(geo.scale, geo.out[0], lr.shape[0])
+        return self.sample(denoise, x_T, cond, noises, generator)
+
+    def unscale(self, z0: torch.Tensor) -> torch.Tensor:
+        """Scaled latent z0 -> the first stage's latent z0 / scale_factor."""
+        return z0 / self.scale_factor
+
+    def decode_latent(self, z0: torch.Tensor, lr: torch.Tensor, out_size) -> torch.Tensor:
+        """Scaled latent -> image in [-1, 1] (clamped), via the frozen stage-1 decoder."""
+        return self.first_stage_model.decode(self.unscale(z0), lr, out_size).clamp(-1, 1)
+
+    def min_output_side(self) -> int:
+        """Smallest output side: that of a 2-px condition (`GAPEncoder.min_input_side`)."""
+        return self.cond_stage_model.min_input_side()
+
+    def peak_bytes(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1) -> int:
+        """Rough peak activation memory of an untiled `super_resolve`, from this model's widths:
+        the larger of the condition encoder's and the decoder's, plus a few output images."""
+        cond = self.cond_stage_model.peak_elements(out_size, batch)
+        decoder = self.first_stage_model.decode_elements(lr_size, out_size, batch)
+        return estimate_peak((cond, decoder), out_size, batch)
+
+    def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
+        """Rough activation memory of each whole-scene stage whose normalisation statistics span
+        the scene (the pipeline runs those that fit its budget whole): "condition", "unet",
+        "latent" (the decoder's latent branch), "sr" (the decoder's SR branch)."""
+        latent = (int(out_size[0]) // 8, int(out_size[1]) // 8)
+        return {
+            **self.first_stage_model.stage_bytes(lr_size, out_size, batch),  # "latent", "sr"
+            "condition": 4 * self.cond_stage_model.peak_elements(out_size, batch),
+            "unet": 4 * self.model.diffusion_model.peak_elements(latent, batch),
+        }
 
     # ------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -290,7 +295,7 @@ class LDCSR(pl.LightningModule):
         with torch.no_grad():
             x0 = self.scale_factor * self.first_stage_model.encode(hr, lr).sample()
         cond = self.encode_condition(lr, out_size)
-        t_start = self.diffusion.num_timesteps - 1
+        t_start = self.timesteps - 1
         x_T = self.diffusion.q_sample(x0, t_start, torch.randn_like(x0))
         x0_pred = self.sample_latent(lr, out_size, x_T=x_T, cond=cond)
         # Per-sample mean over C, H, W, divided by exp(logvar_t) = 1 plus logvar_t = 0 (fixed).
@@ -301,7 +306,7 @@ class LDCSR(pl.LightningModule):
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor | None:
         losses = self.training_losses(batch)
-        self._skip_ema = not self.guard.ok(self, losses["loss"])
+        self._skip_ema = not self.guard.ok(self, self._trainer, losses["loss"])
         if self._skip_ema:
             return None  # Lightning skips backward and the optimiser step
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)

@@ -1,4 +1,5 @@
-"""Geometry of tiled whole-scene inference: overlapping windows, cosine blending, exact crops.
+"""Tiles of whole-scene inference: the tile-size rule, overlapping windows, cosine blending, the
+decoder's LR tiles and their HR windows on the scene's grid, exact crops.
 
 A scene is cut into overlapping windows along each axis; a window's output is weighted by cosine
 ramps across its overlaps, and the weights of all windows are normalised to sum to one, so tiles
@@ -14,6 +15,23 @@ from dataclasses import dataclass
 import torch
 
 from utils.resample import resize_crop
+
+MIN_TILE = 16  # LR pixels
+
+
+def check_tile(tile: int, overlap: int, context: int = 8) -> None:
+    """Raises ValueError naming the fix for an impossible decoder tile / overlap / context (LR
+    pixels; tile 0 = untiled)."""
+    least = max(MIN_TILE, 2 * overlap)
+    if overlap < 0:
+        raise ValueError(f"tile overlap {overlap} must be >= 0")
+    if tile < 0 or tile and tile < least:
+        raise ValueError(
+            f"tile {tile} is below the minimum {least} (>= {MIN_TILE} and >= 2 x the overlap "
+            f"{overlap}); use 0 to disable tiling"
+        )
+    if tile and context < 2:
+        raise ValueError(f"context {context} must be >= 2 (the bicubic skip reads 2 LR pixels)")
 
 
 def align_down(value: int, align: int) -> int:
@@ -103,10 +121,6 @@ class Window:
         w = self.weight_rows[:, None] * self.weight_cols[None, :]
         return w.to(device=like.device, dtype=like.dtype)[None, None]
 
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        return slice(*self.rows), slice(*self.cols)
-
 
 def tile_grid(
     size: tuple[int, int], tile: tuple[int, int], overlap: tuple[int, int], align: int = 1
@@ -139,6 +153,25 @@ def to_output_window(window: tuple[int, int], n: int, n_out: int) -> tuple[int, 
     """LR window -> HR window on the scene's grid (image borders map to image borders)."""
     a, b = window
     return (0 if a == 0 else round(a * n_out / n), n_out if b == n else round(b * n_out / n))
+
+
+def decoder_tiles(geo, lr_axes, context: int) -> list:
+    """(LR crop: window grown by `context`, HR window) pairs of the 1-D LR windows `lr_axes`
+    (rows, cols) of a scene's `Geometry` `geo`; for a block of a larger scene, the scene's HR
+    windows cut to the block's window."""
+    (lr_n, out_n), offsets = geo.scene, (0, 0) if geo.window is None else geo.window.offset
+    lr_axes = [list(ax) for ax in lr_axes]
+    hr_axes = [
+        [to_output_window((a + o, b + o), n, m) for a, b in ax]
+        for ax, o, n, m in zip(lr_axes, offsets, lr_n, out_n)
+    ]
+    if geo.window is not None:
+        for k, (start, stop) in enumerate((geo.window.rows, geo.window.cols)):
+            cut_to = [(max(c, start) - start, min(d, stop) - start) for c, d in hr_axes[k]]
+            kept = [(lw, hw) for lw, hw in zip(lr_axes[k], cut_to) if hw[1] > hw[0]]
+            lr_axes[k], hr_axes[k] = [lw for lw, _ in kept], [hw for _, hw in kept]
+    lr_windows, hr_windows = windows_from(*lr_axes, geo.lr), windows_from(*hr_axes, geo.target)
+    return [(grow(lw, context, geo.lr), hw) for lw, hw in zip(lr_windows, hr_windows)]
 
 
 def trim(x: torch.Tensor, box, win: Window) -> torch.Tensor:

@@ -19,6 +19,19 @@ if TYPE_CHECKING:  # annotation only: the weight writers need no Lightning
     from models.ldcsr import LDCSR
 
 
+def sample_trajectory(diffusion, denoise_fn, *args, **kwargs):
+    """`diffusion.sample(denoise_fn, *args, **kwargs)` -> (x_0, trajectory [T, B, C, h, w]: every
+    x_{t-1}, t = T-1 .. 0), the intermediate x_t read off the denoiser's inputs."""
+    seen = []
+
+    def recording(x_t, cond, t):
+        seen.append(x_t)
+        return denoise_fn(x_t, cond, t)
+
+    x0 = diffusion.sample(recording, *args, **kwargs)
+    return x0, torch.stack([*seen[1:], x0])
+
+
 def randomize_zero_init(model: LDCSR, std: float = 0.02) -> None:
     """Give the UNet's zero-initialised convs (its output conv and every ResBlock's last conv)
     N(0, std) weights, as training would, and copy them to the EMA (sampling uses it). For tests

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models.ldcsr import LDCSR
+from tests.helpers import sample_trajectory
 from utils.config import instantiate_from_config, translate_authors_config
 
 TOL = 1e-4
@@ -55,11 +56,12 @@ def test_stage2_fields_with_stored_noise(model, conformance):
         cond = model.encode_condition(lr, out_size)
         _close(cond, case["cond"], f"case {i} cond")
         with model.ema_scope():
-            denoise = model.denoiser(lr.shape[-2], out_size, lr.shape[0])
+            scale = out_size[0] / lr.shape[-2]  # the scene's H / h
+            denoise = model.denoiser(scale, out_size[0], lr.shape[0])
             t = torch.full((lr.shape[0],), 3, dtype=torch.long)
             _close(denoise(case["x_T"], cond, t), case["eps_at_T_minus_1"], f"case {i} eps")
-            z0, trajectory = model.diffusion.sample(
-                denoise, case["x_T"], cond, noises=case["step_noises"], return_trajectory=True
+            z0, trajectory = sample_trajectory(
+                model.diffusion, denoise, case["x_T"], cond, noises=case["step_noises"]
             )
         _close(trajectory, case["trajectory"], f"case {i} trajectory")
         _close(z0, case["z0"], f"case {i} z0")
@@ -67,13 +69,34 @@ def test_stage2_fields_with_stored_noise(model, conformance):
         _close(sr, case["sr"], f"case {i} sr")
 
 
+# The public entries run one pipeline: untiled (one tile per stage); decoder tiles of 16 LR px
+# rendered from the whole SR branch (stages fit the budget); every stage on its tiles (budget 0).
+PLANS = {
+    "untiled": {"tile": 0},
+    "render tiles": {"tile": 16},
+    "tiles": {"tile": 16, "max_memory": 0},
+}
+
+
 @torch.no_grad()
-def test_super_resolve_with_seeded_generator(model, conformance):
+@pytest.mark.parametrize("plan", PLANS)
+def test_stage1_reconstruct_through_the_pipeline(model, conformance, plan):
+    ae = model.first_stage_model
+    for i, case in enumerate(conformance["cases"]):
+        rec01 = ae.reconstruct(case["lr_01"], case["hr_01"], tile_overlap=4, **PLANS[plan])
+        _close(rec01 * 2 - 1, case["stage1_reconstruction"].clamp(-1, 1), f"case {i} {plan}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("plan", PLANS)
+def test_super_resolve_with_seeded_generator(model, conformance, plan):
     for i, case in enumerate(conformance["cases"]):
         generator = torch.Generator().manual_seed(case["seed"])
-        sr01 = model.super_resolve(case["lr_01"], case["out_size"], generator=generator)
-        _close(sr01, case["sr_01"], f"case {i} sr_01")
-        _close(sr01 * 2 - 1, case["sr"].clamp(-1, 1), f"case {i} sr")
+        sr01 = model.super_resolve(
+            case["lr_01"], case["out_size"], generator, tile_overlap=4, **PLANS[plan]
+        )
+        _close(sr01, case["sr_01"], f"case {i} sr_01 {plan}")
+        _close(sr01 * 2 - 1, case["sr"].clamp(-1, 1), f"case {i} sr {plan}")
 
 
 def test_sampling_uses_ema_weights(model, conformance):

@@ -8,6 +8,7 @@ import torch
 
 from ldm.diffusion import GaussianDiffusion, draw_noise, make_beta_schedule
 from ldm.unet import UNetModel
+from tests.helpers import sample_trajectory
 
 TOL = 1e-4
 
@@ -105,9 +106,9 @@ def test_generator_draw_order_equals_explicit_noise():
     g = torch.Generator().manual_seed(3)
     expected = [torch.randn(shape, generator=g) for _ in range(5)]  # x_T, then t = 3, 2, 1, 0
     assert torch.equal(x_T, expected[0]) and torch.equal(noises, torch.stack(expected[1:]))
-    explicit = d.sample(fn, x_T, cond, noises=noises, return_trajectory=True)
+    explicit = sample_trajectory(d, fn, x_T, cond, noises=noises)
     g = torch.Generator().manual_seed(3)
-    drawn = d.sample(fn, None, cond, generator=g, shape=shape, return_trajectory=True)
+    drawn = sample_trajectory(d, fn, None, cond, generator=g, shape=shape)
     assert torch.equal(explicit[0], drawn[0]) and torch.equal(explicit[1], drawn[1])
     # the t = 0 draw is made (and discarded): the generator advanced by exactly T + 1 draws
     g_ref = torch.Generator().manual_seed(3)
@@ -168,6 +169,6 @@ def test_conformance_sampling_chain(reference, ema_unet, use_generator):
         else:
             noise = dict(x_T=case["x_T"], noises=case["step_noises"])
         with torch.no_grad():
-            z0, traj = d.sample(denoise_fn, cond=case["cond"], return_trajectory=True, **noise)
+            z0, traj = sample_trajectory(d, denoise_fn, cond=case["cond"], **noise)
         assert (traj - case["trajectory"]).abs().max() <= TOL
         assert (z0 - case["z0"]).abs().max() <= TOL

@@ -19,7 +19,7 @@ from PIL import Image
 import super_resolve
 from data.synthetic import generate_scene
 from models import load_sr_model
-from models.inference import SceneTiler
+from models.pipeline import Pipeline
 from scenes.scene_io import read_scene, super_resolve_raster
 from utils.resample import resize_crop
 
@@ -154,23 +154,23 @@ def test_cli_writes_the_python_apis_pixels(tiny_sr_checkpoint, tmp_path, kind):
 
 # ----------------------------------------------------------------------- automatic tiling
 def test_max_memory_tiles_the_scene_through_the_cli(tiny_sr_checkpoint, tmp_path, monkeypatch):
-    """A scene over --max-memory is super-resolved by the tiler (not untiled) and gives the
+    """A scene over --max-memory is super-resolved in tiles (not untiled) and gives the
     untiled output to 1 level (the tolerance docs/results.md states)."""
     src = tmp_path / "scene.png"
     Image.fromarray(scene_rgb(40, 96, seed=2)).save(src)  # at x8: 2 automatic tiles of 64
     calls = []
-    tiled_run = SceneTiler.super_resolve
+    tiled_run = Pipeline.super_resolve
 
     def spy(self, *args, **kwargs):
         calls.append(self.tile)
         return tiled_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(SceneTiler, "super_resolve", spy)
+    monkeypatch.setattr(Pipeline, "super_resolve", spy)
     common = ("--checkpoint", tiny_sr_checkpoint, "--scale", "8", "--seed", "1")
     assert cli(src, *common, "-o", tmp_path / "untiled", "--max-memory", "100") == 0
-    assert calls == []
+    assert calls == [0]  # untiled: the same pipeline, one tile per stage
     assert cli(src, *common, "-o", tmp_path / "tiled", "--max-memory", "0.001") == 0
-    assert calls == [64]  # automatic: about 512 output pixels
+    assert calls == [0, 64]  # automatic: about 512 output pixels
     untiled, tiled = (
         np.asarray(Image.open(tmp_path / run / "scene.png"), dtype=int)
         for run in ("untiled", "tiled")

@@ -125,15 +125,13 @@ def test_nan_losses_in_a_row_stop_with_a_clear_message():
     guard = NonFiniteLossGuard(max_in_a_row=2)
 
     class Module:
-        _trainer = None
-
         def log(self, *args, **kwargs):
             pass
 
-    assert guard.ok(Module(), torch.tensor(1.0))
-    assert not guard.ok(Module(), torch.tensor(float("inf")))
+    assert guard.ok(Module(), None, torch.tensor(1.0))
+    assert not guard.ok(Module(), None, torch.tensor(float("inf")))
     with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
-        guard.ok(Module(), torch.tensor(float("nan")))
+        guard.ok(Module(), None, torch.tensor(float("nan")))
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -18,8 +18,8 @@ from ldm.blocks import ContrastChannelAttention, channel_moments, pointwise
 from ldm.diffusion import draw_noise
 from ldm.upsampler import ScaleAwareUpsampler
 from models.geometry import Geometry
-from models.inference import SceneTiler
-from models.memory import glibc_library
+from models.memory import choose_tile, glibc_library
+from models.pipeline import Pipeline
 from models.scene_stats import SceneStatistics
 from models.stream import stream_chain
 from models.tiling import axis_weights, split_axis, tile_grid
@@ -100,7 +100,7 @@ def test_blend_weights_are_a_smooth_partition_of_unity():
     grid = tile_grid((50, 70), (32, 32), (8, 8))
     weight = torch.zeros(50, 70)
     for win in grid:
-        weight[win.slices] += win.weight(weight)[0, 0]
+        weight[slice(*win.rows), slice(*win.cols)] += win.weight(weight)[0, 0]
     assert torch.allclose(weight, torch.ones(50, 70))
 
 
@@ -178,6 +178,25 @@ def test_public_path_equals_the_plain_forward_tiled_and_untiled(model, reference
     tiled = sr(model, lr, out_size, 3, tile=16, tile_overlap=4)  # 2 x 2 decoder tiles
     assert untiled.shape == ref.shape and (untiled - ref).abs().max() <= 1e-4
     assert tiled.shape == ref.shape and (tiled - ref).abs().max() <= 1e-4
+
+
+def test_untiled_is_the_plan_with_one_tile_per_stage(model):
+    """tile=0: one tile per stage, each stage called once on the whole image: the same floats as
+    the networks' public stages called in a row (no crop or resampling work added)."""
+    geo = Geometry.of((16, 20), (64, 80))
+    pipeline = Pipeline(budget=None)
+    plan = pipeline.plan(geo, pipeline.whole_stages(model, geo, 1))
+    assert {k: len(v) for k, v in plan.items()} == dict.fromkeys(
+        ("condition", "unet", "latent", "sr", "render"), 1
+    )
+    lr = torch.rand(1, 3, 16, 20)
+    with torch.inference_mode(), model.ema_scope():
+        lr_m = lr * 2 - 1
+        cond = model.encode_condition(lr_m, geo.out)
+        x_T, noises = model.draw_noise(cond.shape, torch.Generator().manual_seed(3))
+        z0 = model.sample(model.denoiser(geo.scale, geo.out[0], 1), x_T, cond, noises)
+        ref = (model.decode_latent(z0, lr_m, geo.out) + 1) / 2
+    assert torch.equal(sr(model, lr, geo.out, 3, tile=0), ref)
 
 
 def test_condition_decode_tiled_and_untiled_equals_the_plain_forward(model):
@@ -289,8 +308,6 @@ def test_result_does_not_depend_on_the_inputs_memory_layout(model):
 def test_auto_tiling_follows_the_models_own_memory(model):
     """The tiny model at x4 on 256x256 fits the default budget; the paper widths would not."""
     assert model.peak_bytes((256, 256), (1024, 1024)) < 2 * 2**30
-    from models.inference import choose_tile
-
     assert choose_tile(model.peak_bytes((256, 256), (1024, 1024)), 2.0, 4.0, 16) == 0
     assert choose_tile(model.peak_bytes((2000, 2000), (8000, 8000)), 2.0, 4.0, 16) == 128
 
@@ -323,9 +340,8 @@ def test_tiles_agree_with_the_untiled_run_on_a_scene(model, source):
 
     def tiled(**options):
         with model.ema_scope():
-            out = SceneTiler(**tiles, **options).super_resolve(
-                model, lr_m, (192, 192), g().manual_seed(5)
-            )
+            geo = Geometry.of(lr.shape[-2:], (192, 192))
+            out = Pipeline(**tiles, **options).super_resolve(model, lr_m, geo, g().manual_seed(5))
         return (out + 1) / 2
 
     assert psnr(tiled(), ref) >= 45  # measured 75 dB
@@ -342,11 +358,9 @@ def test_render_tiles_within_the_budget_give_the_untiled_result_above_the_stats_
     geo = Geometry((48, 48), (192, 192))
 
     def tiled(budget):
-        tiler = SceneTiler(16, 4, condition_tile=16, stats_pixels=1024, budget=budget, **UNET_TILES)
+        tiler = Pipeline(16, 4, condition_tile=16, stats_pixels=1024, budget=budget, **UNET_TILES)
         with model.ema_scope():
-            out = tiler.super_resolve(
-                model, lr * 2 - 1, (192, 192), torch.Generator().manual_seed(5)
-            )
+            out = tiler.super_resolve(model, lr * 2 - 1, geo, torch.Generator().manual_seed(5))
         return (out + 1) / 2, tiler.plan(geo, tiler.whole_stages(model, geo, 1))
 
     out, plan = tiled(budget=64 << 20)
@@ -371,14 +385,14 @@ def test_a_condition_encoder_over_the_budget_streams_with_exact_statistics(model
             out = stream_chain(enc.stages(), x, stats, 2000, limit)  # bands of ~10 rows
             assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
         lr, geo = torch.rand(1, 3, 48, 48) * 2 - 1, Geometry((48, 48), (192, 192))
-        tiler = SceneTiler(16, 4, condition_tile=16, latent_overlap=8, budget=1 << 20)
+        tiler = Pipeline(16, 4, condition_tile=16, latent_overlap=8, budget=1 << 20)
         plan = tiler.plan(geo, frozenset())
         cond = tiler.condition(model, lr, geo, plan)
         assert (cond - model.encode_condition(lr, (192, 192))).abs().max() < 1e-5
         ae, hr = model.first_stage_model, torch.rand(1, 3, 192, 192) * 2 - 1  # stage 1: posterior
         lr_up = F.interpolate(lr, size=(192, 192), mode="bicubic", align_corners=False)
         crop = lambda size, rows, cols: ae.build_encoder_input(hr, lr_up)  # noqa: E731 (whole)
-        z = tiler.encode(ae, crop, geo, plan["condition"], posterior=True)
+        z = tiler.encode(ae, ae.encode_mode, crop, geo, plan, ae.encode_mode_stages())
         assert (z - ae.encode(hr, lr).mode()).abs().max() < 1e-5
 
 
@@ -388,10 +402,10 @@ def test_stages_run_whole_only_where_their_estimate_fits_the_budget(model):
     assert set(stages) == {"condition", "unet", "latent", "sr"} and min(stages.values()) > 0
     held = 4 * 6 * 192 * 192  # result and blending totals
     cut_off = sorted(stages.values())[1] + held  # the two smallest estimates fit
-    whole = SceneTiler(budget=cut_off).whole_stages(model, geo, 1)
+    whole = Pipeline(budget=cut_off).whole_stages(model, geo, 1)
     assert whole == {k for k, v in stages.items() if v + held <= cut_off} and len(whole) == 2
-    assert SceneTiler(budget=None).whole_stages(model, geo, 1) == set(stages)
-    assert SceneTiler().whole_stages(model, geo, 1) == set()  # budget 0: the old tiling
+    assert Pipeline(budget=None).whole_stages(model, geo, 1) == set(stages)
+    assert Pipeline().whole_stages(model, geo, 1) == set()  # budget 0: the old tiling
 
 
 def test_automatic_memory_budget_follows_the_available_memory(monkeypatch):
@@ -412,7 +426,7 @@ def test_automatic_memory_budget_follows_the_available_memory(monkeypatch):
 
 
 def test_plan_aligns_latent_tiles_and_maps_lr_tiles_to_the_scene_grid():
-    tiler = SceneTiler(tile=20, overlap=6, condition_tile=16, latent_overlap=8)
+    tiler = Pipeline(tile=20, overlap=6, condition_tile=16, latent_overlap=8)
     geo = Geometry((61, 47), (213, 188))  # x3.49 height, x4 width
     plan = tiler.plan(geo)
     assert all(win.rows[0] % 8 == 0 and win.cols[0] % 8 == 0 for _, win in plan["condition"])
@@ -429,11 +443,11 @@ def unet_chain(model, cond, lr_height: int, out_size, seed: int, tiler=None) -> 
     with torch.no_grad(), model.ema_scope():
         x_T, noises = draw_noise(cond.shape, model.diffusion.num_timesteps,
                                  torch.Generator().manual_seed(seed))  # fmt: skip
-        denoise = model.denoiser(lr_height, out_size, cond.shape[0])
+        denoise = model.denoiser(out_size[0] / lr_height, out_size[0], cond.shape[0])
         if tiler is not None:
             plan = tiler.plan(Geometry((lr_height, lr_height), out_size))["unet"]
             denoise = tiler.denoiser(denoise, plan)
-        return model.diffusion.sample(denoise, x_T=x_T, cond=cond, noises=noises)
+        return model.sample(denoise, x_T, cond, noises)
 
 
 UNET_TILES = dict(latent_tile=16, latent_overlap=8, latent_context=8)  # 5 x 5 tiles on 48 x 48
@@ -447,7 +461,7 @@ def test_unet_tiles_follow_the_untiled_chain(model):
     lr = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         cond = model.encode_condition(lr, (384, 384))  # [1, 4, 48, 48]
-    tiler = SceneTiler(**UNET_TILES)
+    tiler = Pipeline(**UNET_TILES)
     plan = tiler.plan(Geometry((96, 96), (384, 384)))["unet"]
     assert len(plan) == 25 and max(b - a for ((a, b), _), _ in plan) <= 32
     ref = unet_chain(model, cond, 96, (384, 384), 2)
@@ -460,6 +474,6 @@ def test_bad_tiles_are_rejected(model):
     with pytest.raises(ValueError, match="tile 8"):
         sr(model, torch.rand(1, 3, 16, 16), (64, 64), 0, tile=8)
     with pytest.raises(ValueError, match="multiples of 8"):
-        SceneTiler(latent_tile=20)
+        Pipeline(latent_tile=20)
     with pytest.raises(ValueError, match="too small"):
-        SceneTiler().super_resolve(model, torch.rand(1, 3, 4, 4), (6, 6))
+        model.super_resolve(torch.rand(1, 3, 4, 4), (6, 6))
