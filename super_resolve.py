@@ -27,7 +27,8 @@ Formats (scenes/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha
 as PNG with the input's bands and bit depth. TIFF/GeoTIFF of any size, band count and dtype are
 streamed block by block from disk to disk (memory does not grow with the scene; a scene whose
 output fits --max-memory is one block, so it gets the same pixels as the same image in PNG; the
-blocks of a larger scene render the scene's output grid but draw their own noise) and written as
+blocks of a larger scene, or of --block, render the scene's output grid but draw their own noise,
+seeded by their position) and written as
 tiled GeoTIFF (--cog: Cloud-Optimized): CRS, per-axis pixel size (divided by the scale), bands,
 dtype, nodata, masks and alpha (resized nearest, as masks) and tags (not GDAL's STATISTICS_*) are
 kept. Three bands feed the model (--bands, default the first three; one number for a grey band),
@@ -46,34 +47,39 @@ write the same output are an error before any work. A file that fails is reporte
 go on; the exit code is 1 if any file failed, 2 for bad arguments.
 
 Several GPUs or nodes: `torchrun --nproc_per_node N super_resolve.py ...` or `srun --ntasks N
-python super_resolve.py ...` (utils/distributed.py): input k runs on rank k mod N, on
-cuda:LOCAL_RANK, with the same seed as in one process; rank 0 lists every rank's failures.
-A stopped run finishes with --skip-existing (outputs are written whole or not at all).
+python super_resolve.py ...` (utils/distributed.py), on cuda:LOCAL_RANK: input k runs on rank k
+mod N, except TIFFs of more than one block, whose blocks all ranks share (block k on rank k mod
+N, one rank writing; scenes/blocks.py), so a single huge GeoTIFF keeps every process busy.
+PNG/JPEG scenes are read whole and tiled inside the model, each in one process. Outputs equal
+one process's; rank 0 lists every rank's failures. A stopped run finishes with --skip-existing
+(outputs are written whole or not at all).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import pickle
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from models import load_sr_model
 from models.geometry import check_output_size
-from models.pipeline import PRECISIONS
-from models.tiling import MIN_TILE
 from models.memory import memory_budget
+from models.pipeline import PRECISIONS
+from models.tiling import check_tile
 from models.uncertainty import seeds_from
+from scenes.blocks import BlockShare, SharedSceneError
+from scenes.inputs import collect_inputs, output_paths
 from scenes.raster import open_raster, parse_bands, parse_value_range, raster_size
 from scenes.scene_io import (
     BLOCK,
+    OVERLAP,
     is_raster,
-    output_suffix,
     read_scene,
     super_resolve_raster,
     write_scene,
@@ -82,7 +88,7 @@ from scenes.uncertainty_maps import raster_uncertainty, uncertainty_paths, write
 from utils.cli import HelpFormatter, check_writable_folder, memory_size
 from utils.config import ConfigError
 from utils.distributed import init_world
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images
+from utils.image_io import ImageReadError
 
 log = logging.getLogger("super_resolve")
 SCENE_PLANES = 4  # float32 copies of a block's output that streaming holds (result, blend, ...)
@@ -121,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model (default: per-scene 2-98 %% percentiles of each model band; 8 bit: value / 255)",
     )
     add("--cog", action="store_true", help="write TIFF outputs as Cloud-Optimized GeoTIFFs")
+    block_help = f"TIFF inputs: LR pixels per streamed block (>= {2 * OVERLAP}); default: the "
+    block_help += f"whole scene if its output fits --max-memory, else {BLOCK}"
+    add("--block", type=int, default=None, help=block_help)
     add("--seed", type=int, default=0, help="seed of the diffusion noise (CPU generator)")
     add(
         "--samples",
@@ -183,70 +192,44 @@ def output_size(args, lr_size) -> tuple[int, int]:
     return tuple(round(s * n) for s, n in zip(parse_scale(args.scale), lr_size))
 
 
-def collect_inputs(patterns: list[str]) -> list[tuple[Path, Path]]:
-    """(input file, output path relative to --output) for files, folders and globs."""
-    found = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            files = list_images(path)
-            if not files:
-                raise UsageError(f"no images in folder {path} (png/jpg/jpeg/tif/tiff, searched "
-                                 "recursively); give a folder or files that hold some")  # fmt: skip
-            found += [(path / rel, Path(rel)) for rel in files]
-        elif path.is_file():
-            found.append((path, Path(path.name)))
-        else:
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-            files = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-            if not files:
-                raise UsageError(f"no image matches {pattern!r} (a file, folder or glob pattern)")
-            found += [(p, Path(p.name)) for p in files]
-    return found
-
-
-def output_paths(jobs: list[tuple[Path, Path]], out_dir: Path, suffix: str) -> list[Path]:
-    """The output file of each input; two inputs that would share one are a UsageError."""
-    dsts = [out_dir / rel.with_name(rel.stem + suffix + output_suffix(src)) for src, rel in jobs]
-    owners: dict[Path, list[Path]] = {}
-    for (src, _), dst in zip(jobs, dsts):
-        owners.setdefault(dst, []).append(src)
-    inputs = [src for (src, _), dst in zip(jobs, dsts) if dst.resolve() == src.resolve()]
-    if inputs:
-        raise UsageError(
-            f"the output of {inputs[0]} would replace the input itself; choose another --output "
-            "folder or a --suffix (e.g. --suffix _sr)"
-        )
-    clashes = {dst: srcs for dst, srcs in owners.items() if len(srcs) > 1}
-    if clashes:
-        lines = "; ".join(f"{dst} <- {', '.join(map(str, srcs))}" for dst, srcs in clashes.items())
-        raise UsageError(
-            f"inputs that would write the same output: {lines}; rename one of them "
-            "or run them into different --output folders"
-        )
-    return dsts
-
-
-def run_one(model, args, src: Path, dst: Path) -> None:
+def prepare(model, args, src: Path, dst: Path) -> tuple:
+    """Checks an input before it runs (its outputs exist only with --overwrite, its output size
+    fits the model) -> (PNG/JPEG `Scene` or None for a TIFF, LR size, output size)."""
+    maps = uncertainty_paths(dst) if args.samples >= 2 else ()
+    for path in (p for p in (dst, *maps) if p.exists() and not args.overwrite):
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it or "
+                              "--skip-existing to keep it")  # fmt: skip
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if is_raster(src):  # streamed block by block, whatever the scene's size
-        out_size = output_size(args, raster_size(src))
-        check_output_size(model, out_size)
-        log.info("%s: %dx%d -> %dx%d (TIFF, streamed)", src, *raster_size(src), *out_size)
+    scene = None if is_raster(src) else read_scene(src)
+    lr_size = raster_size(src) if scene is None else scene.size
+    out_size = output_size(args, lr_size)
+    check_output_size(model, out_size)
+    kind = " (TIFF, streamed)" if scene is None else ""
+    log.info("%s: %dx%d -> %dx%d%s", src, *lr_size, *out_size, kind)
+    return scene, lr_size, out_size
+
+
+def run_one(model, args, src: Path, dst: Path, block=None, share=None) -> None:
+    """One input into `dst`; a (Geo)TIFF in LR blocks of `block` (None: `raster_block`), its
+    blocks shared by the processes of `share` (`scenes.blocks.BlockShare`, all ranks call)."""
+    share = share or BlockShare()
+    prepared, error = share.attempt(prepare, model, args, src, dst)
+    share.agree(error)  # with several processes: every rank goes on, or none
+    scene, _, out_size = prepared
+    if scene is None:  # a (Geo)TIFF, streamed block by block, whatever the scene's size
+        block = block or raster_block(args, src, out_size)
         if args.samples < 2:
-            stream_raster(model, args, src, dst, out_size, args.seed)
+            stream_raster(model, args, src, dst, out_size, args.seed, block, share)
             return
-        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".samples_") as tmp:
+        temporary = tempfile.TemporaryDirectory(dir=dst.parent, prefix=".samples_")
+        with temporary if share.writes else nullcontext(dst.parent) as tmp:
             samples = [dst] + [Path(tmp) / f"sample{k}.tif" for k in range(1, args.samples)]
             for k, path in enumerate(samples):  # sample k = a separate run with seed + k
-                stream_raster(model, args, src, path, out_size, args.seed + k)
-            bands, value_range = parse_bands(args.bands), parse_value_range(args.value_range)
-            raster_uncertainty(src, samples, bands, value_range)
+                stream_raster(model, args, src, path, out_size, args.seed + k, block, share)
+            if share.writes:
+                bands, value_range = parse_bands(args.bands), parse_value_range(args.value_range)
+                raster_uncertainty(src, samples, bands, value_range)
         return
-    scene = read_scene(src)
-    out_size = output_size(args, scene.size)
-    check_output_size(model, out_size)
-    log.info("%s: %dx%d -> %dx%d", src, *scene.size, *out_size)
     lr = scene.rgb[None].to(model.device)
     if args.samples < 2:
         generator = torch.Generator().manual_seed(args.seed)
@@ -259,11 +242,12 @@ def run_one(model, args, src: Path, dst: Path) -> None:
         write_uncertainty(dst, uncertainty[0, 0].cpu().numpy())
 
 
-def stream_raster(model, args, src: Path, dst: Path, out_size, seed: int) -> None:
+def stream_raster(model, args, src: Path, dst: Path, out_size, seed: int, block: int,
+                  share=None) -> None:  # fmt: skip
     """One sample of a (Geo)TIFF scene, streamed block by block into `dst`."""
-    generator = torch.Generator().manual_seed(seed)
 
-    def sr_fn(lr, window):  # blocks run in a fixed order, so a seed reproduces the scene
+    def sr_fn(lr, window):  # each block seeded by its position: any order, any process
+        generator = torch.Generator().manual_seed(window.seed(seed))
         return model.super_resolve(lr.to(model.device), window.out_size, generator=generator,
                                    window=window, **args.tiling).cpu()  # fmt: skip
 
@@ -275,20 +259,67 @@ def stream_raster(model, args, src: Path, dst: Path, out_size, seed: int) -> Non
         bands=parse_bands(args.bands),
         value_range=parse_value_range(args.value_range),
         cog=args.cog,
-        block=raster_block(args, src, out_size),
+        block=block,
+        share=share,
     )
 
 
 def raster_block(args, src: Path, out_size) -> int:
-    """LR block size of a streamed (Geo)TIFF: the whole scene when its float32 output planes fit
-    --max-memory, so that it runs as the same image as PNG would (one noise draw, tiled inside
-    when the model's untiled run does not fit), else `BLOCK` (each block on the scene's output
-    grid, drawing its own noise)."""
+    """LR block size of a streamed (Geo)TIFF: --block, or the whole scene when its float32
+    output planes fit --max-memory, so that it runs as the same image as PNG would (one noise
+    draw, tiled inside when the model's untiled run does not fit), else `BLOCK` (each block on
+    the scene's output grid, drawing its own noise)."""
+    if args.block:
+        return args.block
     with open_raster(src) as raster:
         bands, lr_size = raster.count, (raster.height, raster.width)
     budget = memory_budget(args.tiling["max_memory"], torch.device("cpu"))  # host planes
     whole = SCENE_PLANES * (bands + 3) * 4 * out_size[0] * out_size[1]  # bytes
     return max(BLOCK, *lr_size) if budget is not None and whole <= budget * 2**30 else BLOCK
+
+
+def shared_blocks(args, jobs, world) -> dict[int, int]:
+    """{input index: LR block size} of the (Geo)TIFFs whose blocks all ranks share: those of
+    more than one block, decided on rank 0 (the memory budget is a machine's) for every rank.
+    Each shared scene is written by rank n mod N (n = its place among them), so writing
+    spreads too; PNG/JPEG and one-block scenes stay whole, input k on rank k mod N."""
+    if world.size == 1:
+        return {}
+    plan = {}
+    for k, (src, _) in enumerate(jobs if world.main else ()):
+        if not is_raster(src):
+            continue
+        try:
+            lr_size = raster_size(src)
+            block = raster_block(args, src, output_size(args, lr_size))
+        except (ImageReadError, OSError, ValueError):  # fails where it runs, reported there
+            continue
+        if block < max(lr_size):
+            plan[k] = block
+    return world.broadcast(plan)
+
+
+def super_resolve_all(model, args, jobs, dsts, world) -> list[tuple[str, str]]:
+    """Every input, shared scenes first (all ranks on each), then this rank's share of the rest;
+    -> the failures of every rank, each once: (input, reason)."""
+    shared = shared_blocks(args, jobs, world)
+    rest = world.shard([k for k in range(len(jobs)) if k not in shared])  # k on rank k mod N
+    failed = []
+    for n, k in enumerate([*shared, *rest]):
+        src, dst = jobs[k][0], dsts[k]
+        share = BlockShare(world, n % world.size, str(src)) if k in shared else None
+        try:
+            run_one(model, args, src, dst, shared.get(k), share)
+            if share is None or share.writes:
+                log.info("wrote %s", dst)
+        except SharedSceneError as err:  # raised on every rank, reported by the writer
+            if err.recorded:
+                log.error("%s: %s", src, err)
+                failed.append((str(src), str(err)))
+        except (ImageReadError, FileExistsError, OSError, ValueError, RuntimeError) as err:
+            log.error("%s: %s", src, err)
+            failed.append((str(src), str(err)))
+    return [f for part in world.all_gather(failed) for f in part]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,22 +339,21 @@ def run(args: argparse.Namespace) -> int:
         parse_scale(args.scale)
     else:
         parse_size(args.size)
-    if args.tile is not None and args.tile and args.tile < max(MIN_TILE, 2 * args.tile_overlap):
-        raise UsageError(
-            f"--tile {args.tile} is below the minimum {max(MIN_TILE, 2 * args.tile_overlap)} "
-            f"(>= {MIN_TILE} and >= 2 x --tile-overlap); use 0 to disable tiling"
-        )
-    if args.tile_overlap < 0:
-        raise UsageError("--tile-overlap must be >= 0")
+    try:
+        check_tile(args.tile or 0, args.tile_overlap)
+    except ValueError as err:
+        raise UsageError(f"--tile / --tile-overlap: {err}") from None
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: use 1 (no uncertainty map) or N >= 2")
+    if args.block is not None and args.block < 2 * OVERLAP:
+        raise UsageError(f"--block {args.block}: use >= {2 * OVERLAP} LR pixels (2 x overlap)")
     if "/" in args.suffix or "\\" in args.suffix:
         raise UsageError(f"--suffix {args.suffix!r} must not contain a path separator")
     parse_bands(args.bands, UsageError)
     parse_value_range(args.value_range, UsageError)
     out_dir = Path(args.output)
-    jobs = collect_inputs(args.inputs)
-    dsts = output_paths(jobs, out_dir, args.suffix)
+    jobs = collect_inputs(args.inputs, UsageError)
+    dsts = output_paths(jobs, out_dir, args.suffix, UsageError)
     if args.skip_existing:
         kept = [(job, dst) for job, dst in zip(jobs, dsts) if not dst.exists()]
         if len(kept) < len(jobs):
@@ -348,25 +378,15 @@ def run(args: argparse.Namespace) -> int:
         max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
         precision=precision, progress=not args.no_progress,
     )  # fmt: skip
-    failed = []
-    for (src, _), dst in world.shard(list(zip(jobs, dsts))):  # input k on rank k mod size
-        try:
-            maps = uncertainty_paths(dst) if args.samples >= 2 else ()
-            for path in (p for p in (dst, *maps) if p.exists() and not args.overwrite):
-                raise FileExistsError(f"{path} exists; pass --overwrite to replace it or "
-                                      "--skip-existing to keep it")  # fmt: skip
-            run_one(model, args, src, dst)
-            log.info("wrote %s", dst)
-        except (ImageReadError, FileExistsError, OSError, ValueError, RuntimeError) as err:
-            log.error("%s: %s", src, err)
-            failed.append((str(src), str(err)))
-    failed = [f for part in world.all_gather(failed) for f in part]  # every rank's failures
+    failed = super_resolve_all(model, args, jobs, dsts, world)
+    code = 1 if failed else 0  # the same on every rank
     if not world.main:
-        return 1 if failed else 0
+        log.info("rank %d: done, exit code %d (rank 0 lists the failures)", world.rank, code)
+        return code
     for src, err in failed:
         log.error("failed: %s (%s)", src, err)
     log.info("%d of %d images written to %s", len(jobs) - len(failed), len(jobs), out_dir)
-    return 1 if failed else 0
+    return code
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ weights are loaded.
 Several GPUs or nodes: `torchrun --nproc_per_node N test.py ...` or `srun --ntasks N python
 test.py ...` (utils/distributed.py): batch b of a scale runs on rank b mod N (same seeds, so the
 same images and tables as one process), rank 0 merges per_image.csv, FID (Inception features of
-all images), the summary and the report. --skip-existing finishes a stopped run in --out-dir:
-batches whose PNGs are all saved are read back and scored, the others are run.
+all images), the --samples calibration (every rank's pixels), the summary and the report.
+--skip-existing finishes a stopped run in --out-dir: batches whose PNGs are all saved are read
+back and scored, the others are run.
 """
 
 from __future__ import annotations
@@ -230,8 +231,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if path is not None and not Path(path).is_file():
             raise EvaluationError(f"{flag} {path} is not a file")
     world, device = init_world(args.device, EvaluationError)  # torchrun / srun: one of several
-    if world.size > 1 and args.samples > 1:
-        raise EvaluationError("--samples runs in one process only; drop torchrun / srun")
     sources = [resolve_dataset(name, args.data_root) for name in args.datasets]
     if len({source.name for source in sources}) < len(sources):
         parser.error(f"--datasets {args.datasets} give two datasets the same result folder name")

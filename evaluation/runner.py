@@ -202,7 +202,8 @@ def _run_batches(items, scale: float, dirs: dict, run: _Run, report=None) -> tup
             _save(None if done else sr, batch, dirs[method.name])
             scores = score_batch(sr, hr, scale, run.metrics, run.test_y, [i.name for i in batch])
             if unc is not None and report is not None:
-                for score, rho in zip(scores, report.add(sr, unc, hr, [i.name for i in batch])):
+                rhos = report.add(sr, unc, hr, [i.name for i in batch], key=index)
+                for score, rho in zip(scores, rhos):
                     score["unc_err_spearman"] = rho
             for item, score in zip(batch, scores):
                 row = dict(zip(IMAGE_COLUMNS, (method.name, item.name, scale, *item.lr_hw)))
@@ -282,7 +283,7 @@ def _evaluate_scale(source: Source, scale: float, out_dir: Path, run: _Run, over
     with torch.inference_mode():
         rows, totals, unreadable = _run_batches(items, scale, dirs, run, report)
     if report is not None:
-        report.finish(f"{source.name} x{scale:g}: uncertainty vs |error|")
+        report.finish(f"{source.name} x{scale:g}: uncertainty vs |error|", run.world)
     failed += unreadable
     items = [i for i in items if (i.file or i.name) not in {r["file"] for r in unreadable}]
     summary, score_fid = [], _fid_scorer(dirs["hr"], items, run)
@@ -345,8 +346,9 @@ def evaluate(
     which tile scenes whose untiled run would exceed the memory budget. `samples` >= 2: LDCSR's
     uncertainty maps, their error correlation and calibration (`evaluation.uncertainty`).
     `world` (`utils.distributed`): batch b runs on rank b mod size, rank 0 merges the rows,
-    FID and per_image.csv; every rank returns the same rows. `skip_existing` finishes a stopped
-    run: batches whose PNGs all exist are read back and scored, not run again.
+    FID, per_image.csv and the calibration curve (every rank's pixels, in batch order); every
+    rank returns the same rows. `skip_existing` finishes a stopped run: batches whose PNGs all
+    exist are read back and scored, not run again.
     """
     source = images if isinstance(images, Source) else pairs.source_from_folder(images)
     datatype = parse_datatype(datatype)
@@ -362,8 +364,6 @@ def evaluate(
     options = (datatype, seed, batch_size, test_y, save_images, device, min_side)
     options += (samples if model is not None and not stage1 else 1,)
     world = world or World()
-    if world.size > 1 and options[-1] >= 2:
-        raise EvaluationError("--samples >= 2 runs in one process only; drop torchrun/srun")
     if skip_existing and not save_images:
         raise EvaluationError("--skip-existing reads the saved PNGs: drop --no-save-images")
     run = _Run(methods, metrics, *options, world=world, skip_existing=skip_existing)

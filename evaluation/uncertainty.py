@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 from evaluation.tables import write_csv
 from models.uncertainty import seeds_from
 from scenes.uncertainty_maps import write_uncertainty
+from utils.distributed import World
 from utils.metrics import crop_border_for, quantize
 
 KEPT_PIXELS = 1 << 16  # per image, for the calibration curve (an evenly strided subset)
@@ -38,22 +39,29 @@ def spearman(uncertainty: np.ndarray, error: np.ndarray) -> float:
 
 class Calibration:
     """Accumulates (uncertainty, |error|) pixels of a dataset at one scale; `bins()` groups them
-    into `bins` equal-count bins of increasing uncertainty."""
+    into `bins` equal-count bins of increasing uncertainty. `parts` holds what was added, keyed,
+    so that the parts of several processes merge in one process's order (`merge`)."""
 
     def __init__(self, bins: int = 10):
-        self.n_bins, self._unc, self._err = bins, [], []
+        self.n_bins, self.parts = bins, []  # [(key, uncertainty, error)], float32 pixels
 
-    def add(self, uncertainty: np.ndarray, error: np.ndarray) -> None:
+    def add(self, uncertainty: np.ndarray, error: np.ndarray, key: int = 0) -> None:
+        """Keeps an evenly strided subset of the pixels; `key` orders parts when merged (e.g.
+        the batch index; parts of one key stay in the order they were added)."""
         u, e = np.ravel(uncertainty), np.ravel(error)
         step = max(1, u.size // KEPT_PIXELS)
-        self._unc.append(u[::step].astype(np.float64))
-        self._err.append(e[::step].astype(np.float64))
+        self.parts.append((key, u[::step].astype(np.float32), e[::step].astype(np.float32)))
+
+    def merge(self, parts: list) -> None:
+        """Adds the `parts` of other calibrations (e.g. other processes' shares)."""
+        self.parts += parts
 
     def bins(self) -> list[dict]:
         """[{"bin", "uncertainty" (mean), "mae", "pixels"}] in increasing uncertainty."""
-        if not self._unc:
+        if not self.parts:
             return []
-        u, e = np.concatenate(self._unc), np.concatenate(self._err)
+        parts = sorted(self.parts, key=lambda part: part[0])  # stable: added order within a key
+        u, e = (np.concatenate([part[i] for part in parts]).astype(np.float64) for i in (1, 2))
         order = np.argsort(u, kind="stable")
         groups = [g for g in np.array_split(order, min(self.n_bins, u.size)) if g.size]
         return [
@@ -79,10 +87,11 @@ class UncertaintyReport:
         self.folder, self.scale, self.calibration = folder, scale, Calibration()
         folder.mkdir(parents=True, exist_ok=True)
 
-    def add(self, sr, uncertainty, hr, names) -> list[float | None]:
+    def add(self, sr, uncertainty, hr, names, key: int = 0) -> list[float | None]:
         """sr [B, 3, H, W] (scored as the saved uint8), uncertainty [B, 1, H, W], hr or None ->
         per image the rank correlation of uncertainty and |sr - hr| (mean over channels), both
-        with the metrics' border crop of ceil(scale)."""
+        with the metrics' border crop of ceil(scale); `key` (the batch index) orders the
+        calibration's pixels as one process adds them."""
         values = []
         for k, name in enumerate(names):
             unc = uncertainty[k, 0].float().cpu()
@@ -94,11 +103,17 @@ class UncertaintyReport:
             b = crop_border_for(self.scale)
             unc, err = (x[b:-b, b:-b] if b and min(x.shape) > 2 * b else x for x in (unc, err))
             values.append(spearman(unc.numpy(), err.numpy()))
-            self.calibration.add(unc.numpy(), err.numpy())
+            self.calibration.add(unc.numpy(), err.numpy(), key)
         return values
 
-    def finish(self, title: str) -> None:
-        self.calibration.write(self.folder.parent, title)
+    def finish(self, title: str, world: World | None = None) -> None:
+        """Writes the calibration curve; with several processes (`world`), every rank calls and
+        rank 0 writes the curve of all ranks' pixels, as one process would."""
+        parts = (world or World()).gather(self.calibration.parts)
+        if parts is not None:  # rank 0, or one process
+            self.calibration.parts = []
+            self.calibration.merge([part for rank in parts for part in rank])
+            self.calibration.write(self.folder.parent, title)
 
 
 def plot_calibration(bins: list[dict], path: Path, title: str, size=(480, 400)) -> None:

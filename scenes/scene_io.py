@@ -18,11 +18,12 @@ TIFF and GeoTIFF (`super_resolve_raster`, any band count and dtype, see `scenes.
 bands, radiometry, nodata and georeferencing): the scene is cut into blocks of `block` LR pixels
 that read `overlap` more pixels on each side; each block is super-resolved on its own by `sr_fn`
 (within a block the model's own tiling applies), which computes the block's window of the whole
-scene's output grid (`BlockWindow`: at any scale, a block has the pixels an untiled run has
-there), and neighbouring blocks are cross-faded
-linearly over the central `overlap` pixels of their overlap, so block seams are blended. Memory
-depends on the block size (plus a strip `overlap` output pixels high across the output and
-GDAL's block cache), not on the scene. Outputs are tiled, DEFLATE-compressed GeoTIFFs, or
+scene's output grid (`scenes.blocks.BlockWindow`: at any scale, a block has the pixels an
+untiled run has there), and neighbouring blocks are cross-faded linearly over the central
+`overlap` pixels of their overlap, so block seams are blended. Memory depends on the block size
+(plus a strip `overlap` output pixels high across the output and GDAL's block cache), not on the
+scene. The processes of a torchrun / srun run can share one scene's blocks (`share`: all compute,
+one writes, the same bytes as one process). Outputs are tiled, DEFLATE-compressed GeoTIFFs, or
 Cloud-Optimized GeoTIFFs with overviews (`cog=True`), written under a temporary name and renamed
 when complete.
 """
@@ -32,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,9 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from scenes.blocks import BlockShare, BlockWindow, SrFn, block_values
 from scenes.raster import (
     Span,
-    Stretch,
     alpha_bands,
     block_spans,
     copy_metadata,
@@ -61,7 +62,6 @@ from scenes.raster import (
 )
 from utils.atomic import atomic_output
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
-from utils.resample import resize_crop
 
 log = logging.getLogger(__name__)
 TIFF = (".tif", ".tiff")
@@ -69,26 +69,6 @@ WORLD_FILES = (".pgw", ".pngw", ".jgw", ".jpgw", ".jpegw", ".wld")
 BLOCK, OVERLAP = 512, 32  # LR pixels
 COG_OPTIONS = dict(compress="DEFLATE", predictor="YES", blocksize=512,
                    overview_resampling="AVERAGE", bigtiff="IF_SAFER")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class BlockWindow:
-    """What `sr_fn` computes for one block: the output window `rows` x `cols` ([start, stop)) of
-    the whole scene's output grid `out_size`, from the LR crop whose top-left pixel is `offset` in
-    a scene of `lr_size`. These are the fields of `models.tiling.OutputWindow`."""
-
-    lr_size: tuple[int, int]
-    out_size: tuple[int, int]
-    offset: tuple[int, int]
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
-
-
-SrFn = Callable[[torch.Tensor, BlockWindow], torch.Tensor]
 
 
 @dataclass
@@ -234,6 +214,7 @@ def super_resolve_raster(
     cog: bool = False,
     block: int = BLOCK,
     overlap: int = OVERLAP,
+    share: BlockShare | None = None,
 ) -> None:
     """Super-resolve a (Geo)TIFF block by block from disk to disk (see the module docstring).
 
@@ -250,31 +231,59 @@ def super_resolve_raster(
         cog: write a Cloud-Optimized GeoTIFF with overviews.
         block, overlap: LR block size and the LR pixels each block reads beyond it (even,
             >= 4: a bicubic tap reaches 2 LR pixels; block >= 2 * overlap).
+        share: several processes on this scene (`scenes.blocks.BlockShare`): every rank calls
+            this with the same arguments, block k runs on rank k mod N, `share.writer` writes.
 
     Raises:
         ImageReadError: unreadable input or bad `bands`, naming the file and the fix.
         RasterWriteError: the output could not be written; no partial file is left.
         ValueError: a non-TIFF `dst_path` or bad block sizes.
+        SharedSceneError: with `share`, any rank's failure, on every rank.
     """
-    dst_path = Path(dst_path)
+    dst_path, share = Path(dst_path), share or BlockShare()
     if not is_raster(dst_path):
         raise ValueError(f"{dst_path}: rasters are written as .tif to keep their georeferencing")
     if overlap < 4 or overlap % 2 or block < max(16, 2 * overlap):
         raise ValueError(f"block {block}, overlap {overlap}: need an even overlap >= 4 and "
                          "block >= max(16, 2 * overlap)")  # fmt: skip
+    with ExitStack() as files:  # input; on the writer the output, renamed when all is written
+        opened, error = share.attempt(_open, files, src_path, dst_path, out_size, bands,
+                                      value_range, share.writes)  # fmt: skip
+        share.agree(error)
+        src, dst, bands, stretch, fill = opened
+        rows = block_spans(src.height, out_size[0], block, overlap)
+        cols = block_spans(src.width, out_size[1], block, overlap)
+        lr_size = (src.height, src.width)
+
+        def compute(k: int) -> np.ndarray:  # block k in raster order, weighted
+            ys, xs = rows[k // len(cols)], cols[k % len(cols)]
+            window = BlockWindow(lr_size, tuple(out_size), (ys.read[0], xs.read[0]),
+                                 (ys.start, ys.stop), (xs.start, xs.stop))  # fmt: skip
+            return block_values(src, sr_fn, bands, stretch, fill, ys, xs, window)
+
+        blend = _Blend(src, dst, rows, cols) if share.writes else None
+        share.run(len(rows) * len(cols), compute, blend.add if blend else None)
+        share.agree(share.attempt(blend.finish, cog)[1] if blend else None)
+
+
+def _open(files: ExitStack, src_path, dst_path: Path, out_size, bands, value_range, writes):
+    """Opens the input (and, when `writes`, the output under a temporary name) into `files`
+    -> (src, dst or None, model bands, stretch, fill value of masked and NaN pixels or None)."""
     with open_raster(src_path) as src:
         profile = output_profile(src, out_size)
-    with rasterio.Env(GDAL_CACHEMAX=_cache_bytes(profile)), open_raster(src_path) as src:
-        bands = model_bands(src, bands)
-        stretch = scene_stretch(src, bands, value_range)  # once per scene, decimated
-        with atomic_output(dst_path) as tmp:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with rasterio.open(tmp, "w", **profile) as dst:
-                    copy_metadata(src, dst, out_size, bands, stretch)
-                    _stream(src, dst, sr_fn, bands, stretch, block, overlap)
-            if cog:
-                _to_cog(tmp)
+    files.enter_context(rasterio.Env(GDAL_CACHEMAX=_cache_bytes(profile)))
+    src = files.enter_context(open_raster(src_path))
+    bands = model_bands(src, bands)
+    stretch = scene_stretch(src, bands, value_range)  # once per scene, decimated
+    fill = nodata_fill(src) if has_mask(src) or _floats(src) else None  # also NaN / inf
+    dst = None
+    if writes:
+        tmp = files.enter_context(atomic_output(dst_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dst = files.enter_context(rasterio.open(tmp, "w", **profile))
+        copy_metadata(src, dst, out_size, bands, stretch)
+    return src, dst, bands, stretch, fill
 
 
 def _cache_bytes(profile: dict) -> int:
@@ -294,67 +303,33 @@ def _to_cog(path: Path) -> None:
         cog.unlink(missing_ok=True)
 
 
-def _stream(src, dst, sr_fn: SrFn, bands, stretch: Stretch, block: int, overlap: int) -> None:
-    """The block loop: cross-fade accumulation with a carry to the right (O(block)) and a strip
-    below (the blend zone across the output width); each final region is written once."""
-    rows = block_spans(src.height, dst.height, block, overlap)
-    cols = block_spans(src.width, dst.width, block, overlap)
-    strip = np.zeros((src.count, max(r.stop - r.final for r in rows), dst.width), np.float32)
-    masked = has_mask(src)
-    fill = nodata_fill(src) if masked or _floats(src) else None  # also for NaN / inf pixels
-    lr_size, out_size = (src.height, src.width), (dst.height, dst.width)
-    for ys in rows:
-        carry = None
-        for xs in cols:
-            window = BlockWindow(lr_size, out_size, (ys.read[0], xs.read[0]),
-                                 (ys.start, ys.stop), (xs.start, xs.stop))  # fmt: skip
-            acc = _block(src, sr_fn, bands, stretch, fill, ys, xs, window)  # [C, *window.size]
-            if carry is not None:
-                acc[:, :, : xs.blended - xs.start] += carry
-            top, keep, done = ys.blended - ys.start, xs.final - xs.start, ys.final - ys.start
-            acc[:, :top, :keep] += strip[:, :top, xs.start : xs.final]
-            _write_final(src, dst, acc[:, :done, :keep], ys, xs, masked)
-            strip[:, : ys.stop - ys.final, xs.start : xs.final] = acc[:, done:, :keep]
-            carry = acc[:, :, keep:].copy()
+class _Blend:
+    """The block loop's writing side: weighted blocks arrive in raster order and are summed with
+    a carry to the right (O(block)) and a strip below (the blend zone across the output width);
+    each final region is written once."""
 
+    def __init__(self, src, dst, rows: list[Span], cols: list[Span]):
+        self.src, self.dst, self.rows, self.cols, self.masked = src, dst, rows, cols, has_mask(src)
+        height = max(r.stop - r.final for r in rows)
+        self.strip, self.carry = np.zeros((src.count, height, dst.width), np.float32), None
 
-def _block(src, sr_fn: SrFn, bands, stretch: Stretch, fill, ys: Span, xs: Span,
-           out: BlockWindow) -> np.ndarray:  # fmt: skip
-    """One block: read (masked pixels set to `fill` [C]), super-resolve its weighted region
-    `out` on the scene's output grid and apply the weights."""
-    window = Window.from_slices(ys.read, xs.read)
-    raw = read_pixels(src, window=window).astype(np.float32)  # [C, h, w]
-    if fill is not None:
-        masked = (read_pixels(src, masks=True, window=window) == 0) | ~np.isfinite(raw)
-        raw[masked] = np.broadcast_to(fill[:, None, None], raw.shape)[masked]
-    values = upsample_bands(raw, sr_fn, bands, stretch, out)
-    return values * ys.weight[:, None] * xs.weight[None, :]
+    def add(self, k: int, acc: np.ndarray) -> None:
+        """Block k's weighted values [C, *window.size]."""
+        (i, j), strip = divmod(k, len(self.cols)), self.strip
+        ys, xs = self.rows[i], self.cols[j]
+        if j > 0:
+            acc[:, :, : xs.blended - xs.start] += self.carry
+        top, keep, done = ys.blended - ys.start, xs.final - xs.start, ys.final - ys.start
+        acc[:, :top, :keep] += strip[:, :top, xs.start : xs.final]
+        _write_final(self.src, self.dst, acc[:, :done, :keep], ys, xs, self.masked)
+        strip[:, : ys.stop - ys.final, xs.start : xs.final] = acc[:, done:, :keep]
+        self.carry = acc[:, :, keep:].copy()
 
-
-def upsample_bands(
-    raw: np.ndarray, sr_fn: SrFn, bands, stretch: Stretch, window: BlockWindow
-) -> np.ndarray:
-    """All bands of one block's LR crop, float32 [C, h, w] -> [C, *window.size], in the input's
-    units.
-
-    The model bands go through `stretch` and `sr_fn` (a band fed to several channels gets their
-    mean); the others are resized bicubically (align_corners=False) on the scene's grid.
-    """
-    model, size = [b - 1 for b in bands], window.size
-    lr = torch.from_numpy(stretch.to_unit(raw[model]))[None]  # [1, 3, h, w]
-    sr = sr_fn(lr, window)
-    if tuple(sr.shape) != (1, 3, *size):
-        raise ValueError(f"sr_fn returned {tuple(sr.shape)}, expected {(1, 3, *size)}")
-    sr = stretch.from_unit(sr[0].detach().float().clamp(0, 1).cpu().numpy())  # [3, *size]
-    out = np.empty((raw.shape[0], *size), np.float32)
-    for band in set(model):
-        out[band] = sr[[c for c, b in enumerate(model) if b == band]].mean(axis=0)
-    others = [b for b in range(raw.shape[0]) if b not in model]
-    if others:
-        resized = resize_crop(torch.from_numpy(raw[others])[None], window.out_size, window.rows,
-                              window.cols, "bicubic", window.offset, window.lr_size)  # fmt: skip
-        out[others] = resized[0].numpy()
-    return out
+    def finish(self, cog: bool) -> None:
+        """Flushes the output (GDAL writes its cached tiles now); `cog`: rewrites it as a COG."""
+        self.dst.close()
+        if cog:
+            _to_cog(Path(self.dst.name))
 
 
 def _write_final(src, dst, values: np.ndarray, ys: Span, xs: Span, masked: bool) -> None:

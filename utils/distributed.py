@@ -8,7 +8,8 @@ Ranks come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM's srun (SLURM_P
 SLURM_STEP_NUM_TASKS, SLURM_LOCALID: the job step's tasks, so a plain `python test.py` in an
 sbatch script of --ntasks N stays one process); without either the run is one process and
 nothing here talks to another process. Work item k goes to rank k mod world size, so every item
-is done exactly once.
+is done exactly once (test.py's batches, super_resolve.py's inputs, and the blocks of one large
+GeoTIFF: scenes/blocks.py).
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ class World:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def gather(self, obj) -> list | None:
-        """`obj` of every rank, in rank order, on rank 0; None on the other ranks."""
+    def gather(self, obj, dst: int = 0) -> list | None:
+        """`obj` of every rank, in rank order, on rank `dst`; None on the other ranks."""
         if self.size == 1:
             return [obj]
-        out = [None] * self.size if self.main else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
+        out = [None] * self.size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst, group=self.group)
         return out
 
     def broadcast(self, obj):
