@@ -21,14 +21,18 @@ def test_pick_device_resolves_auto_and_names_the_fix_for_missing_cuda():
         pick_device("cuda", _FlagError)
 
 
-ENTRY_POINTS = ["train.py", "test.py", "super_resolve.py", "demo.py", "data/prepare_split.py"]
+# data.prepare_split as a module: run as a file, it replaces the process (test_prepare_split.py)
+ENTRY_POINTS = ["train.py", "test.py", "super_resolve.py", "demo.py", "data.prepare_split"]
 _HELP = """
 import contextlib, io, json, runpy, sys
 out = {}
 for script in sys.argv[1:]:
     sys.argv, buf = [script, "--help"], io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
-        runpy.run_path(script, run_name="__main__")
+        if script.endswith(".py"):
+            runpy.run_path(script, run_name="__main__")
+        else:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
     out[script] = buf.getvalue()
 print(json.dumps(out))
 """
