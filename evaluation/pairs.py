@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from data.datasets import flat_names
+from data.splits import flat_names
 from data.transforms import resize_bicubic
 from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
 
@@ -139,7 +139,7 @@ def input_folders(source: Source, datatype: str, scale: float) -> tuple[Path, Pa
 
 
 def output_names(files: Sequence[str], folder: Path) -> dict[str, str]:
-    """`data.datasets.flat_names` with extensions kept (`x.jpg`, `x.tif` -> `x_jpg.png`,
+    """`data.splits.flat_names` with extensions kept (`x.jpg`, `x.tif` -> `x_jpg.png`,
     `x_tif.png`).
 
     Raises:
