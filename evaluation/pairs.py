@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from data.splits import flat_names
-from data.transforms import resize_bicubic
+from data.transforms import lr_size, resize_bicubic
 from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,11 @@ class Item:
 
 def _item(name: str, path: Path, lr_path, datatype: str, scale: float, min_side: int) -> Item:
     height, width = verify_image(path)
-    if datatype == "hr-downsample":  # truncation as data.transforms.lr_size
-        lr_hw, out_hw = (int(height / scale), int(width / scale)), (height, width)
+    if datatype == "hr-downsample":
+        try:
+            lr_hw, out_hw = lr_size((height, width), scale), (height, width)
+        except ValueError as err:  # an LR side of 0
+            raise EvaluationError(f"{path}: {err}") from None
     elif datatype == "paired":
         lr_hw, out_hw = verify_image(lr_path), (height, width)
     else:
@@ -234,8 +237,13 @@ def plan_items(
             items.append(replace(_item(*args), file=f))
         except (EvaluationError, ImageReadError) as err:
             log.warning("image skipped: %s", err)
-            failed.append({"file": f, "scale": scale, "status": f"failed: {err}"})
+            failed.append(failed_row(f, scale, str(err)))
     return items, failed
+
+
+def failed_row(name: str, scale: float, reason: str) -> dict:
+    """The per_image.csv row of an image that could not be evaluated, with the reason."""
+    return {"file": name, "scale": scale, "status": f"failed: {reason}"}
 
 
 def make_batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
