@@ -296,27 +296,3 @@ def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
     """FID of two ``fid_statistics`` fits (pytorch-fid's ``calculate_frechet_distance``):
     ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``."""
     return float(calculate_frechet_distance(*stats_a, *stats_b))
-
-
-def fid_from_folders(
-    sr_dir: str | os.PathLike,
-    hr_dir: str | os.PathLike,
-    model: nn.Module | None = None,
-    batch_size: int = 50,
-    device: str | torch.device = "cpu",
-    dims: int = 2048,
-    num_workers: int = 0,
-) -> float:
-    """FID between two image folders with pytorch-fid (= ``calculate_fid_given_paths``).
-
-    Args:
-        sr_dir, hr_dir: folders of images; see ``fid_statistics`` for them and the other arguments.
-
-    Returns:
-        The Frechet distance between the Gaussian fits of the two folders' features.
-    """
-    for folder in (sr_dir, hr_dir):  # both checked before any Inception work
-        _check_image_folder(folder)
-    model = (build_inception(dims) if model is None else model).to(device)
-    options = (model, batch_size, device, dims, num_workers)
-    return frechet_distance(fid_statistics(sr_dir, *options), fid_statistics(hr_dir, *options))
