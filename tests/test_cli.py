@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
-from utils.cli import pick_device
+from utils.cli import checkpoint_load_errors, pick_device
+from utils.config import ConfigError
 
 
 class _FlagError(ValueError):
@@ -19,6 +22,21 @@ def test_pick_device_resolves_auto_and_names_the_fix_for_missing_cuda():
         pytest.skip("CUDA is available: nothing to refuse")
     with pytest.raises(_FlagError, match="use cpu or auto"):
         pick_device("cuda", _FlagError)
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("holds no state dict"), pickle.UnpicklingError("bad key"), EOFError("eof")]
+)
+def test_checkpoint_load_errors_name_the_checkpoint_once(error):
+    """test.py and super_resolve.py: a file that is no checkpoint of this model -> one ConfigError
+    naming it; a ConfigError of the loader (which names the file itself) is not wrapped again."""
+    with pytest.raises(ConfigError) as info, checkpoint_load_errors("run/last.ckpt"):
+        raise error
+    assert str(info.value) == f"cannot load run/last.ckpt: {error}"
+    own = ConfigError("run/last.ckpt is not a stage-2 (diffusion) checkpoint")
+    with pytest.raises(ConfigError) as info, checkpoint_load_errors("run/last.ckpt"):
+        raise own
+    assert info.value is own
 
 
 # data.prepare_split as a module: run as a file, it replaces the process (test_prepare_split.py)
