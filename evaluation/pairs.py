@@ -138,6 +138,16 @@ def input_folders(source: Source, datatype: str, scale: float) -> tuple[Path, Pa
     return folder, lr_dir if datatype == "paired" else None
 
 
+def _list_inputs(folder: Path) -> list[str]:
+    """The images under `folder` (`list_images`); EvaluationError when there is none."""
+    files = list_images(folder)
+    if not files:
+        raise EvaluationError(
+            f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
+        )
+    return files
+
+
 def output_names(files: Sequence[str], folder: Path) -> dict[str, str]:
     """`data.splits.flat_names` with extensions kept (`x.jpg`, `x.tif` -> `x_jpg.png`,
     `x_tif.png`).
@@ -162,11 +172,7 @@ def check_inputs(source: Source, datatype: str, scales: Sequence[float]) -> int:
     counts = []
     for scale in scales:
         folder, _ = input_folders(source, datatype, scale)
-        files = list_images(folder)
-        if not files:
-            raise EvaluationError(
-                f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
-            )
+        files = _list_inputs(folder)
         output_names(files, folder)
         counts.append(len(files))
     return counts[0] if counts else 0
@@ -221,11 +227,7 @@ def plan_items(
         EvaluationError: if the folder is missing or holds no image.
     """
     folder, lr_dir = input_folders(source, datatype, scale)
-    files = list_images(folder)
-    if not files:
-        raise EvaluationError(
-            f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
-        )
+    files = _list_inputs(folder)
     stem = lambda f: PurePosixPath(f).with_suffix("")  # noqa: E731 - paired files match by stem
     lr_files = {stem(f): lr_dir / f for f in list_images(lr_dir)} if lr_dir else {}
     names, items, failed = output_names(files, folder), [], []

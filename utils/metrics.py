@@ -42,13 +42,18 @@ def quantize(x01: torch.Tensor) -> torch.Tensor:
     return torch.round(x01.detach().clamp(0, 1) * 255).to(torch.uint8)
 
 
-def _prepare(sr: torch.Tensor, hr: torch.Tensor, crop_border: int, test_y: bool) -> torch.Tensor:
-    """Quantise, crop and optionally convert to Y: -> float64 [2, B, C, H', W'] in [0, 255]."""
+def _check_pair(sr: torch.Tensor, hr: torch.Tensor) -> None:
+    """ValueError unless sr and hr are RGB images of one shape, [3, H, W] or [B, 3, H, W]."""
     if sr.shape != hr.shape or sr.dim() not in (3, 4) or sr.shape[-3] != 3:
         raise ValueError(
             f"sr and hr must both be [3, H, W] or [B, 3, H, W]; got {tuple(sr.shape)} and "
             f"{tuple(hr.shape)}"
         )
+
+
+def _prepare(sr: torch.Tensor, hr: torch.Tensor, crop_border: int, test_y: bool) -> torch.Tensor:
+    """Quantise, crop and optionally convert to Y: -> float64 [2, B, C, H', W'] in [0, 255]."""
+    _check_pair(sr, hr)
     if crop_border < 0 or 2 * crop_border >= min(sr.shape[-2:]):
         raise ValueError(f"crop_border={crop_border} is invalid for images of {tuple(sr.shape)}")
     x = torch.stack([quantize(sr), quantize(hr.to(sr.device))]).double()
@@ -132,11 +137,7 @@ _YIQ = ((0.299, 0.587, 0.114), (0.5959, -0.2746, -0.3213), (0.2115, -0.5227, 0.3
 
 def _uint8_pair(sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both images quantised and as [B, 3, H, W] float32 in [0, 1] (pyiqa's input, k / 255)."""
-    if sr.shape != hr.shape or sr.dim() not in (3, 4) or sr.shape[-3] != 3:
-        raise ValueError(
-            f"sr and hr must both be [3, H, W] or [B, 3, H, W]; got {tuple(sr.shape)} and "
-            f"{tuple(hr.shape)}"
-        )
+    _check_pair(sr, hr)
     a, b = (quantize(t.cpu()).float() / 255.0 for t in (sr, hr))
     return (a, b) if sr.dim() == 4 else (a[None], b[None])
 
