@@ -69,7 +69,7 @@ class AutoencoderKL(pl.LightningModule):
     The SR-only baseline (no latent at all) is `encoder_config: null` with the decoder's
     `use_latent: false`: the decoder is then trained as a plain continuous-scale SR network.
 
-    `learning_rate` is set by train.py from `model.base_learning_rate` (see utils/config.py).
+    `learning_rate` is set by train.py from `model.base_learning_rate` (training/trainer.py).
     """
 
     def __init__(
