@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,18 @@ class ImageFolder(Dataset):
         _raise_bad_images(self.root, problems)
 
 
+def _takes_folder_arguments(cls: type) -> type:
+    """Class decorator for a dataset whose `__init__(self, ..., **folder)` hands `folder` to
+    `ImageFolder`: its signature, which config overrides are checked against (`utils.config`),
+    lists ImageFolder's arguments in place of `**folder`."""
+    init = inspect.signature(cls.__init__)
+    own = [p for p in init.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    folder = inspect.signature(ImageFolder).parameters.values()
+    folder = [p.replace(kind=p.KEYWORD_ONLY) for p in folder if p.name != "root"]
+    cls.__init__.__signature__ = init.replace(parameters=own + folder)
+    return cls
+
+
 def _raise_bad_images(root: Path, problems: list[str]) -> None:
     """One ImageReadError listing every bad image under `root` (none: nothing happens)."""
     if problems:
@@ -174,6 +187,7 @@ def _item(lr: Image.Image, hr: Image.Image, file_name: str) -> dict:
     }
 
 
+@_takes_folder_arguments
 class MultiScaleTrainDataset(Dataset):
     """Random-scale training crops (docs/method.md, "Data protocol").
 
@@ -268,6 +282,7 @@ class MultiScaleTrainDataset(Dataset):
         return _item(resize_bicubic(hr, lr_hw), hr, name)
 
 
+@_takes_folder_arguments
 class FixedScaleDataset(Dataset):
     """Evaluation pairs at one scale: the uncropped HR and its Pillow-bicubic LR.
 

@@ -344,6 +344,18 @@ def test_datamodule_resolves_roots_and_reports_bad_files(tmp_path):
         DataModule(batch_size=2, validation=bad, data_root=str(tmp_path / "AID")).setup("validate")
 
 
+def test_dataset_configs_take_image_folder_arguments_as_overrides():
+    """The datasets hand ImageFolder its arguments (**folder) and declare them in their
+    signatures, against which utils.config checks an override of a key the file lacks."""
+    from utils.config import ConfigError, load_config
+
+    tiny = [str(REPO / "configs" / "tiny" / "first_stage.yaml")]
+    config = load_config(tiny, ["data.params.train.params.split_seed=5"])
+    assert config.data.params.train.params.split_seed == 5
+    with pytest.raises(ConfigError, match="unknown config key .*frist_k.*'first_k', 'repeat'"):
+        load_config(tiny, ["data.params.train.params.frist_k=5"])
+
+
 @pytest.mark.parametrize(
     ("config", "images"),
     [("first_stage_kl_v6", 12), ("first_stage_kl_v6", 9000), ("second_stage_van_v4", 12)],
