@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -85,7 +84,7 @@ from scenes.scene_io import (
     write_scene,
 )
 from scenes.uncertainty_maps import raster_uncertainty, uncertainty_paths, write_uncertainty
-from utils.cli import HelpFormatter, check_writable_folder, memory_size
+from utils.cli import HelpFormatter, check_writable_folder, checkpoint_load_errors, memory_size
 from utils.config import ConfigError
 from utils.distributed import init_world
 from utils.image_io import ImageReadError
@@ -370,10 +369,8 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    try:
+    with checkpoint_load_errors(args.checkpoint):
         model = load_sr_model(args.checkpoint, args.config, map_location=device)
-    except (ValueError, pickle.UnpicklingError, EOFError) as err:
-        raise ConfigError(f"cannot load {args.checkpoint}: {err}") from err
     args.tiling = dict(
         max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
         precision=precision, progress=not args.no_progress,

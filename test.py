@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 import re
 import sys
 from functools import partial
@@ -100,7 +99,7 @@ from evaluation.sr_folders import check_sr_dirs, parse_sr_dirs, scale_folder
 from evaluation.tables import write_summary
 from models import load_first_stage_model, load_sr_model
 from models.tiling import check_tile
-from utils.cli import HelpFormatter, memory_size
+from utils.cli import HelpFormatter, checkpoint_load_errors, memory_size
 from utils.config import ConfigError
 from utils.distributed import init_world
 from utils.image_io import ImageReadError
@@ -181,12 +180,8 @@ def default_out_dir(checkpoint: str | Path | None, sr_dirs: dict | None = None) 
 def load_model(args: argparse.Namespace, device: torch.device):
     """The stage-2 LDCSR, or the stage-1 autoencoder with --first-stage, in eval mode."""
     load = load_first_stage_model if args.first_stage else load_sr_model
-    try:
+    with checkpoint_load_errors(args.checkpoint):
         return load(args.checkpoint, args.config, map_location=device)
-    except ConfigError:
-        raise
-    except (ValueError, pickle.UnpicklingError, EOFError) as err:  # not a checkpoint, wrong config
-        raise ConfigError(f"cannot load {args.checkpoint}: {err}") from err
 
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:

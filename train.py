@@ -25,22 +25,16 @@ import os
 import sys
 from pathlib import Path
 
-from training.run import (
+from training.checkpoints import AtomicCheckpointIO
+from training.folders import check_resumable, make_run_dir, remove_failed_run, resolve_resume
+from training.record import resolve_seed, run_entry, save_config, write_run_record
+from training.trainer import (
     build_callbacks,
     build_loggers,
-    check_resumable,
-    make_run_dir,
-    remove_failed_run,
-    resolve_resume,
-    resolve_seed,
     resolve_strategy,
-    run_entry,
-    save_config,
     set_learning_rate,
     trainer_config,
-    write_run_record,
 )
-from utils.checkpoint import AtomicCheckpointIO
 from utils.cli import HelpFormatter
 from utils.config import ConfigError, instantiate_from_config, load_config
 

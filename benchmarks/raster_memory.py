@@ -5,8 +5,8 @@ fresh process (scenes.scene_io.super_resolve_raster) and prints its peak RSS (ru
 time as a markdown table. --model bicubic is a bicubic `sr_fn`; --model tiny is
 configs/tiny/second_stage.yaml with random weights through `LDCSR.super_resolve`.
 
-    python benchmarks/raster_memory.py --sizes 1000 2000 --model bicubic
-    python benchmarks/raster_memory.py --sizes 1000 2000 --model tiny --threads 1
+    python -m benchmarks.raster_memory --sizes 1000 2000 --model bicubic
+    python -m benchmarks.raster_memory --sizes 1000 2000 --model tiny --threads 1
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from scenes.scene_io import super_resolve_raster
+from utils.cli import HelpFormatter
+from utils.resample import resize_crop
 
-from scenes.scene_io import super_resolve_raster  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
-from utils.resample import resize_crop  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_scene(path: Path, size: int) -> None:
@@ -100,11 +99,12 @@ def main() -> None:
         for size in args.sizes:
             src, dst = Path(tmp) / f"lr{size}.tif", Path(tmp) / f"sr{size}.tif"
             write_scene(src, size)
-            cmd = [sys.executable, __file__, "--child", str(src), "--output", str(dst),
+            cmd = [sys.executable, "-m", "benchmarks.raster_memory", "--child", str(src),
+                   "--output", str(dst),
                    "--scale", str(args.scale), "--model", args.model,
                    "--threads", str(args.threads)] + ["--cog"] * args.cog  # fmt: skip
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True,
-                                               text=True).stdout.splitlines()[-1])  # fmt: skip
+            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                               cwd=ROOT).stdout.splitlines()[-1])  # fmt: skip
             out = round(size * args.scale)
             print(f"| {size}x{size} | {out}x{out} | {args.model} | {result['rss_mib']:.0f} | "
                   f"{result['seconds']:.1f} |", flush=True)  # fmt: skip

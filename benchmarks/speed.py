@@ -1,8 +1,8 @@
 """Speed and memory of LDCSR super-resolution: the public API vs the plain module forward.
 
-    python benchmarks/speed.py                         # CPU, x2 x4 x8 to 600x600, paper config
-    python benchmarks/speed.py --scales 4 --repeats 3 --threads 1
-    python benchmarks/speed.py --device cuda --repeats 5 --precision bf16
+    python -m benchmarks.speed                         # CPU, x2 x4 x8 to 600x600, paper config
+    python -m benchmarks.speed --scales 4 --repeats 3 --threads 1
+    python -m benchmarks.speed --device cuda --repeats 5 --precision bf16
 
 One LR image per scale (random content; the paper config with random weights, the UNet's
 zero-initialised convs included (`randomize_zero_init`), which does not change the work done),
@@ -44,11 +44,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.helpers import randomize_zero_init  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
-from utils.config import instantiate_from_config  # noqa: E402
+from benchmarks.random_weights import randomize_zero_init
+from utils.cli import HelpFormatter
+from utils.config import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")

@@ -1,11 +1,11 @@
 """Tiled against untiled whole-scene super-resolution: time, peak memory, PSNR between the two.
 
-    python benchmarks/tiling.py                                  # x4, 1200x1200 output, tile 128
-    python benchmarks/tiling.py --sizes 1200 2000 --contents smooth noise --threads 2
-    python benchmarks/tiling.py --sizes 4000 --methods tiled --max-memory 2   # bounded memory
+    python -m benchmarks.tiling                                  # x4, 1200x1200 output, tile 128
+    python -m benchmarks.tiling --sizes 1200 2000 --contents smooth noise --threads 2
+    python -m benchmarks.tiling --sizes 4000 --methods tiled --max-memory 2   # bounded memory
 
 The paper config with seeded random weights (seed 0, the UNet's zero-initialised convs given
-N(0, 0.02) weights as in benchmarks/speed.py), one LR image of side size / scale per size and
+N(0, 0.02) weights as in benchmarks.speed), one LR image of side size / scale per size and
 content ("smooth": bicubic-upsampled random noise of 1/8 the side; "noise": uniform noise), the
 same sampling seed for both methods, through the public API `LDCSR.super_resolve`:
 
@@ -27,7 +27,6 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -35,13 +34,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.speed import PeakMemory  # noqa: E402
-from models.memory import memory_budget  # noqa: E402
-from tests.helpers import randomize_zero_init  # noqa: E402
-from utils.cli import HelpFormatter, memory_size  # noqa: E402
-from utils.config import instantiate_from_config  # noqa: E402
+from benchmarks.random_weights import randomize_zero_init
+from benchmarks.speed import PeakMemory
+from models.memory import memory_budget
+from utils.cli import HelpFormatter, memory_size
+from utils.config import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")

@@ -1,11 +1,11 @@
 """Training throughput of both stages: seconds per training batch and peak memory, plain and with
 the options a GPU user reaches for, each against the plain run in the same process.
 
-    python benchmarks/train_speed.py                                 # paper + tiny, both stages
-    python benchmarks/train_speed.py --configs tiny --steps 4 --repeats 2
-    python benchmarks/train_speed.py --configs paper --stages 1 --batch-size 1 --steps 1 \\
+    python -m benchmarks.train_speed                                 # paper + tiny, both stages
+    python -m benchmarks.train_speed --configs tiny --steps 4 --repeats 2
+    python -m benchmarks.train_speed --configs paper --stages 1 --batch-size 1 --steps 1 \\
         --warmup 1 --repeats 1 --options plain                       # a CPU smoke run
-    python benchmarks/train_speed.py --device cuda --repeats 3      # all options on a GPU
+    python -m benchmarks.train_speed --device cuda --repeats 3      # all options on a GPU
 
 Each run builds the config's model from --seed (random weights), trains it with a Lightning
 Trainer (as train.py: manual optimisation for stage 1, EMA for stage 2) on --warmup + --steps
@@ -42,19 +42,18 @@ import time
 import warnings
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+import models.autoencoder
+from benchmarks.speed import PeakMemory
+from utils.cli import HelpFormatter
+from utils.config import instantiate_from_config
+from utils.weights import weights_available, weights_path
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import pytorch_lightning as pl  # noqa: E402
-from speed import PeakMemory  # noqa: E402
-
-import ldm.losses  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
-from utils.config import instantiate_from_config  # noqa: E402
 
 CONFIGS = {
     ("paper", 1): "configs/first_stage_kl_v6.yaml",
@@ -185,15 +184,13 @@ def train_once(config, stage: int, option: str, args, batches) -> dict:
 
 def random_lpips_trunk_if_missing() -> None:
     """Stage 1's LPIPS with a random VGG16 trunk when the file is absent (no download)."""
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    if (folder / ldm.losses.VGG16_FILE).is_file():
+    if weights_available("vgg16"):
         return
     import lpips
 
-    log.warning("%s not in %s: LPIPS uses a random VGG16 trunk", ldm.losses.VGG16_FILE, folder)
-    ldm.losses.build_lpips_vgg = lambda: lpips.LPIPS(
-        net="vgg", pnet_rand=True, use_dropout=True, verbose=False
-    )
+    log.warning("%s is missing: LPIPS uses a random VGG16 trunk", weights_path("vgg16"))
+    # the builder AutoencoderKL hands its loss (utils.weights.build_lpips)
+    models.autoencoder.build_lpips = lambda net: lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
 
 
 def bench(name: str, stage: int, options: list[str], args) -> list[dict]:

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
+from typing import Any
 
 import natsort
 import numpy as np
@@ -17,13 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.splits import (  # noqa: F401 - re-exported: callers import them from here
-    SPLITS,
-    flat_names,
-    load_split_pickle,
-    read_split_file,
-    seeded_split,
-)
+from data.splits import SPLITS, read_split_file, seeded_split
 from data.transforms import augment as augment_image
 from data.transforms import lr_size as make_lr_size
 from data.transforms import resize_bicubic
@@ -161,6 +157,18 @@ class ImageFolder(Dataset):
         _raise_bad_images(self.root, problems)
 
 
+def _takes_folder_arguments(cls: type) -> type:
+    """Class decorator for a dataset whose `__init__(self, ..., **folder)` hands `folder` to
+    `ImageFolder`: its signature, which config overrides are checked against (`utils.config`),
+    lists ImageFolder's arguments in place of `**folder`."""
+    init = inspect.signature(cls.__init__)
+    own = [p for p in init.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    folder = inspect.signature(ImageFolder).parameters.values()
+    folder = [p.replace(kind=p.KEYWORD_ONLY) for p in folder if p.name != "root"]
+    cls.__init__.__signature__ = init.replace(parameters=own + folder)
+    return cls
+
+
 def _raise_bad_images(root: Path, problems: list[str]) -> None:
     """One ImageReadError listing every bad image under `root` (none: nothing happens)."""
     if problems:
@@ -179,6 +187,7 @@ def _item(lr: Image.Image, hr: Image.Image, file_name: str) -> dict:
     }
 
 
+@_takes_folder_arguments
 class MultiScaleTrainDataset(Dataset):
     """Random-scale training crops (docs/method.md, "Data protocol").
 
@@ -195,12 +204,14 @@ class MultiScaleTrainDataset(Dataset):
     the effective HR height / LR height.
 
     Args:
-        root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
-            split_seed, file_order, swap_rb: see `ImageFolder`.
+        root: folder of the HR images (`ImageFolder`).
         min_scale, max_scale: scale range, read by the DataModule to build the batch sampler.
         lr_size: stage-1 LR crop size (paper: 48).
         hr_size: stage-2 HR crop size (paper: 256).
         augment: apply the random flips/rotation.
+        **folder: the other arguments of `ImageFolder` (split_file, split, first_k, repeat,
+            cache, val_fraction, test_fraction, split_seed, file_order, swap_rb); it refuses
+            any other name, so a config typo fails.
     """
 
     def __init__(
@@ -211,22 +222,10 @@ class MultiScaleTrainDataset(Dataset):
         lr_size: int | None = None,
         hr_size: int | None = None,
         augment: bool = True,
-        split_file: str | Path | None = None,
-        split: str | None = None,
-        first_k: int | None = None,
-        repeat: int = 1,
-        cache: str = "none",
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.0,
-        split_seed: int = 0,
-        file_order: str = "natural",
-        swap_rb: bool = False,
+        **folder: Any,
     ) -> None:
         self._set_crops(min_scale, max_scale, lr_size, hr_size, augment)
-        self.images = ImageFolder(
-            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
-            split_seed, file_order, swap_rb,
-        )  # fmt: skip
+        self.images = ImageFolder(root, **folder)
 
     def _set_crops(
         self,
@@ -283,37 +282,26 @@ class MultiScaleTrainDataset(Dataset):
         return _item(resize_bicubic(hr, lr_hw), hr, name)
 
 
+@_takes_folder_arguments
 class FixedScaleDataset(Dataset):
     """Evaluation pairs at one scale: the uncropped HR and its Pillow-bicubic LR.
 
     LR size is `(int(H / s), int(W / s))`, so the item's `scale` is the effective `H / h`.
 
     Args:
-        root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
-            split_seed, file_order, swap_rb: see `ImageFolder`.
+        root: folder of the HR images (`ImageFolder`).
         scale: SR factor s >= 1.
+        **folder: the other arguments of `ImageFolder`, as for `MultiScaleTrainDataset`.
     """
 
     def __init__(
         self,
         root: str | Path,
         scale: float,
-        split_file: str | Path | None = None,
-        split: str | None = None,
-        first_k: int | None = None,
-        repeat: int = 1,
-        cache: str = "none",
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.0,
-        split_seed: int = 0,
-        file_order: str = "natural",
-        swap_rb: bool = False,
+        **folder: Any,
     ) -> None:
         self._set_scale(scale)
-        self.images = ImageFolder(
-            root, split_file, split, first_k, repeat, cache, val_fraction, test_fraction,
-            split_seed, file_order, swap_rb,
-        )  # fmt: skip
+        self.images = ImageFolder(root, **folder)
 
     def _set_scale(self, scale: float) -> None:
         """Check and store the scale; subclasses that bring their own `self.images` (an

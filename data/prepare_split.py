@@ -16,22 +16,36 @@ DIOR crops): the sorted file list is shuffled with `--seed` and cut by `--ratios
 
 from __future__ import annotations
 
+import os
+import sys
+
+
+def _run_as_module() -> None:
+    """Replaces this process with `python -m data.prepare_split <same arguments>`, the repository
+    root importable: run as a file (the paper README's `python data/prepare_split.py`), data/ would
+    head the import path and its modules (datasets.py, transforms.py) shadow other packages."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # not the working folder first
+    argv = [sys.executable, *safe_path, "-m", "data.prepare_split", *sys.argv[1:]]
+    os.execve(sys.executable, argv, {**os.environ, "PYTHONPATH": path})
+
+
+if __name__ == "__main__" and __spec__ is None:  # run as a file path, not as a module
+    _run_as_module()
+
 import argparse
 import logging
 import pickle
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python data/prepare_split.py`: import from the repo root,
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # not from data/ (would shadow names)
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from data.datasets import flat_names, load_split_pickle, seeded_split  # noqa: E402
-from data.transforms import lr_size, resize_bicubic  # noqa: E402
-from utils.atomic import atomic_output  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
-from utils.image_io import ImageReadError, list_images, load_image, verify_image  # noqa: E402
+from data.splits import flat_names, load_split_pickle, seeded_split
+from data.transforms import lr_size, resize_bicubic
+from utils.atomic import atomic_output
+from utils.cli import HelpFormatter
+from utils.image_io import ImageReadError, list_images, load_image, verify_image
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data.datasets import flat_names, seeded_split
+from data.splits import flat_names, seeded_split
 from data.transforms import lr_size, resize_bicubic
 from evaluation.spectrum import hf_energy_ratio
 from utils.image_io import list_images, load_image, to_tensor01

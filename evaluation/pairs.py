@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from data.datasets import flat_names
-from data.transforms import resize_bicubic
+from data.splits import flat_names
+from data.transforms import lr_size, resize_bicubic
 from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,18 @@ def input_folders(source: Source, datatype: str, scale: float) -> tuple[Path, Pa
     return folder, lr_dir if datatype == "paired" else None
 
 
+def _list_inputs(folder: Path) -> list[str]:
+    """The images under `folder` (`list_images`); EvaluationError when there is none."""
+    files = list_images(folder)
+    if not files:
+        raise EvaluationError(
+            f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
+        )
+    return files
+
+
 def output_names(files: Sequence[str], folder: Path) -> dict[str, str]:
-    """`data.datasets.flat_names` with extensions kept (`x.jpg`, `x.tif` -> `x_jpg.png`,
+    """`data.splits.flat_names` with extensions kept (`x.jpg`, `x.tif` -> `x_jpg.png`,
     `x_tif.png`).
 
     Raises:
@@ -162,11 +172,7 @@ def check_inputs(source: Source, datatype: str, scales: Sequence[float]) -> int:
     counts = []
     for scale in scales:
         folder, _ = input_folders(source, datatype, scale)
-        files = list_images(folder)
-        if not files:
-            raise EvaluationError(
-                f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
-            )
+        files = _list_inputs(folder)
         output_names(files, folder)
         counts.append(len(files))
     return counts[0] if counts else 0
@@ -186,8 +192,11 @@ class Item:
 
 def _item(name: str, path: Path, lr_path, datatype: str, scale: float, min_side: int) -> Item:
     height, width = verify_image(path)
-    if datatype == "hr-downsample":  # truncation as data.transforms.lr_size
-        lr_hw, out_hw = (int(height / scale), int(width / scale)), (height, width)
+    if datatype == "hr-downsample":
+        try:
+            lr_hw, out_hw = lr_size((height, width), scale), (height, width)
+        except ValueError as err:  # an LR side of 0
+            raise EvaluationError(f"{path}: {err}") from None
     elif datatype == "paired":
         lr_hw, out_hw = verify_image(lr_path), (height, width)
     else:
@@ -218,11 +227,7 @@ def plan_items(
         EvaluationError: if the folder is missing or holds no image.
     """
     folder, lr_dir = input_folders(source, datatype, scale)
-    files = list_images(folder)
-    if not files:
-        raise EvaluationError(
-            f"no images in {folder} (png/jpg/jpeg/tif/tiff, searched recursively)"
-        )
+    files = _list_inputs(folder)
     stem = lambda f: PurePosixPath(f).with_suffix("")  # noqa: E731 - paired files match by stem
     lr_files = {stem(f): lr_dir / f for f in list_images(lr_dir)} if lr_dir else {}
     names, items, failed = output_names(files, folder), [], []
@@ -234,8 +239,13 @@ def plan_items(
             items.append(replace(_item(*args), file=f))
         except (EvaluationError, ImageReadError) as err:
             log.warning("image skipped: %s", err)
-            failed.append({"file": f, "scale": scale, "status": f"failed: {err}"})
+            failed.append(failed_row(f, scale, str(err)))
     return items, failed
+
+
+def failed_row(name: str, scale: float, reason: str) -> dict:
+    """The per_image.csv row of an image that could not be evaluated, with the reason."""
+    return {"file": name, "scale": scale, "status": f"failed: {reason}"}
 
 
 def make_batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:

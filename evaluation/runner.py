@@ -152,11 +152,6 @@ class _Run:
     skip_existing: bool = False  # batches whose PNGs exist are read back, not run
 
 
-def failed_row(name: str, scale: float, reason: str) -> dict:
-    """The per_image.csv row of an image that could not be evaluated, with the reason."""
-    return {"file": name, "scale": scale, "status": f"failed: {reason}"}
-
-
 def _read(folder: Path, batch: Sequence[Item]) -> torch.Tensor:
     """The PNGs an earlier, stopped run saved for `batch` -> [B, 3, H, W] in [0, 1]."""
     return torch.stack([to_tensor01(load_image(folder / item.name)) for item in batch])
@@ -179,7 +174,7 @@ def _run_batches(items, scale: float, dirs: dict, run: _Run, report=None) -> tup
     batches = run.world.shard(list(enumerate(pairs.make_batches(items, run.batch_size))))
     for index, batch in tqdm(batches, desc=f"x{scale:g}", unit="batch", leave=False):
         batch, lr, hr, bad = pairs.load_batch(batch, run.datatype)
-        rows, failed = [], [failed_row(item.file or item.name, scale, r) for item, r in bad]
+        rows, failed = [], [pairs.failed_row(item.file or item.name, scale, r) for item, r in bad]
         chunks.append((rows, failed))
         if not batch:
             continue

@@ -4,18 +4,11 @@ Re-implements latent-diffusion's ``LPIPSWithDiscriminator`` (``contperceptual.py
 ``NLayerDiscriminator`` without taming-transformers (docs/method.md, "Stage 1 loss").
 """
 
-import os
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# The torchvision file behind LPIPS' VGG16 trunk (duplicated in utils/weights.py: ldm may not
-# import utils).
-VGG16_FILE = "vgg16-397923af.pth"
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
 class ActNorm(nn.Module):
@@ -105,30 +98,6 @@ def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: flo
     return value if global_step < threshold else weight
 
 
-def build_lpips_vgg() -> nn.Module:
-    """Build ``lpips.LPIPS(net="vgg")`` (torchvision VGG16 trunk + LPIPS v0.1 linear heads).
-
-    Raises:
-        RuntimeError: the VGG16 weights are neither cached nor downloadable; the message names
-            the file, the cache folder and how to place it.
-    """
-    import lpips
-
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    try:
-        with warnings.catch_warnings():  # lpips uses torchvision's deprecated `pretrained=`
-            warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*")
-            return lpips.LPIPS(net="vgg", use_dropout=True, verbose=False)  # taming: dropout
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; a corrupt file a RuntimeError
-        raise RuntimeError(
-            f"LPIPS needs the torchvision VGG16 weights '{VGG16_FILE}' in {folder} "
-            f"($TORCH_HOME/hub/checkpoints/), which is missing or unreadable and could not be "
-            f"downloaded ({type(err).__name__}: {err}). Download {VGG16_URL} on a machine with "
-            f"internet and copy it to {os.path.join(folder, VGG16_FILE)}, or set TORCH_HOME to a "
-            f"folder whose hub/checkpoints/ holds it."
-        ) from err
-
-
 def _drop_lins_alias(net: nn.Module) -> None:
     """Make an lpips.LPIPS' state-dict keys those of taming's LPIPS (the authors' checkpoints).
 
@@ -170,8 +139,10 @@ class LPIPSWithDiscriminator(nn.Module):
         perceptual_weight: LPIPS weight (0 skips LPIPS).
         disc_conditional: the discriminator also sees ``cond`` (channel-concatenated).
         disc_loss: "hinge" or "vanilla".
-        perceptual_net: injected LPIPS-like module ``(x, x_hat) -> [B, 1, 1, 1]``; default
-            ``lpips.LPIPS(net="vgg")`` (needs the VGG16 weights, see ``build_lpips_vgg``).
+        build_perceptual: builds the perceptual net, an LPIPS-like module
+            ``(x, x_hat) -> [B, 1, 1, 1]``, called once when ``perceptual_weight > 0``. The
+            stage-1 model passes ``lpips.LPIPS(net="vgg")`` with its weight-file handling
+            (``utils.weights.build_lpips``); tests pass small random nets.
         lpips_eval_mode: keep the perceptual net in eval mode also while training (no dropout);
             False (the authors') lets it follow ``.train()`` / ``.eval()``.
     """
@@ -190,7 +161,7 @@ class LPIPSWithDiscriminator(nn.Module):
         use_actnorm: bool = False,
         disc_conditional: bool = False,
         disc_loss: str = "hinge",
-        perceptual_net: nn.Module | None = None,
+        build_perceptual: Callable[[], nn.Module] | None = None,
         lpips_eval_mode: bool = False,
     ):
         super().__init__()
@@ -203,10 +174,13 @@ class LPIPSWithDiscriminator(nn.Module):
         self.perceptual_weight = perceptual_weight
         # Attribute names below are the authors' (checkpoint keys `loss.perceptual_loss.*`,
         # `loss.logvar`, `loss.discriminator.main.*`).
-        if perceptual_net is None and perceptual_weight > 0:
-            perceptual_net = build_lpips_vgg()
-        if perceptual_net is not None:  # perceptual_weight 0 needs (and downloads) nothing
-            self.perceptual_loss = perceptual_net
+        if perceptual_weight > 0:  # perceptual_weight 0 needs (and downloads) nothing
+            if build_perceptual is None:
+                raise ValueError(
+                    f"perceptual_weight {perceptual_weight} needs build_perceptual (a function "
+                    "returning the LPIPS net); set perceptual_weight: 0 to train without LPIPS"
+                )
+            self.perceptual_loss = build_perceptual()
             _drop_lins_alias(self.perceptual_loss)
             self.perceptual_loss.requires_grad_(False)
         self.logvar = nn.Parameter(torch.ones(()) * logvar_init)
@@ -259,7 +233,6 @@ class LPIPSWithDiscriminator(nn.Module):
         last_layer: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         split: str = "train",
-        weights: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the generator (idx 0) or discriminator (idx 1) loss.
 
@@ -273,9 +246,6 @@ class LPIPSWithDiscriminator(nn.Module):
             last_layer: decoder's last weight, needed for the adaptive weight when training.
             cond: extra discriminator input when ``disc_conditional``.
             split: log-key prefix ("train", "val").
-            weights: optional per-pixel weights of the NLL in the total loss (broadcast to
-                [B, 3, H, W]); the logged ``nll_loss`` and the adaptive weight use the unweighted
-                NLL, as in latent-diffusion.
 
         Returns:
             (scalar loss, dict of detached scalars keyed ``{split}/...``).
@@ -300,8 +270,6 @@ class LPIPSWithDiscriminator(nn.Module):
                 inputs, reconstructions
             )  # + [B, 1, 1, 1]
         nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar
-        weighted_nll_loss = nll_loss if weights is None else weights * nll_loss
-        weighted_nll_loss = torch.sum(weighted_nll_loss) / weighted_nll_loss.shape[0]
         nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
         kl_loss = posteriors.kl()
         kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
@@ -316,7 +284,7 @@ class LPIPSWithDiscriminator(nn.Module):
                     raise
         elif self.disc_factor > 0.0 and self.training:
             raise ValueError("training the generator needs last_layer (the decoder's last weight)")
-        loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+        loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         return loss, {
             f"{split}/total_loss": loss.clone().detach().mean(),
             f"{split}/logvar": self.logvar.detach(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -26,6 +27,7 @@ from models.pipeline import run
 from utils.checkpoint import load_weights
 from utils.config import instantiate_from_config, to_plain
 from utils.metrics import psnr
+from utils.weights import build_lpips
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class AutoencoderKL(pl.LightningModule):
     The SR-only baseline (no latent at all) is `encoder_config: null` with the decoder's
     `use_latent: false`: the decoder is then trained as a plain continuous-scale SR network.
 
-    `learning_rate` is set by train.py from `model.base_learning_rate` (`training.run`).
+    `learning_rate` is set by train.py from `model.base_learning_rate` (training/trainer.py).
     """
 
     def __init__(
@@ -109,7 +111,11 @@ class AutoencoderKL(pl.LightningModule):
             self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
             if posterior_logvar_init is not None:
                 nn.init.constant_(self.quant_conv.bias[embed_dim:], posterior_logvar_init)
-        self.loss = instantiate_from_config(lossconfig) if lossconfig else None
+        # The loss's LPIPS(VGG), with the weight-file handling of utils.weights (not in ldm/)
+        vgg_lpips = partial(build_lpips, "vgg")
+        self.loss = (
+            instantiate_from_config(lossconfig, build_perceptual=vgg_lpips) if lossconfig else None
+        )
         self.monitor = monitor
         self.shared_disc_forward = shared_disc_forward
         self.val_sample_posterior = val_sample_posterior

@@ -5,7 +5,9 @@ them (the session fixtures `data_root` and `e2e` of tests/conftest.py)."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,26 @@ def run_cli(ckpt, data_root, out, *args, dataset="ONE"):
     """test.py's main() on `dataset` of `data_root`, writing to `out`."""
     argv = ["--checkpoint", str(ckpt), "--data-root", str(data_root), "--out-dir", str(out)]
     return cli.main([*argv, "--datasets", dataset, *args])
+
+
+def check_run_outputs(out: Path, dataset: str, sizes: dict, min_psnr: float) -> dict:
+    """Asserts what a run over three images at x2, x3.7 and x8 with --sr-kd wrote under `out`:
+    each method's PNGs at their Pillow `sizes` {name: (W, H)}, 9 ok rows per scale, and a
+    summary row per method and scale with PSNR > `min_psnr`. Returns summary.json."""
+    for scale in ("2", "3.7", "8"):
+        folder = out / dataset / f"x{scale}"
+        for method in ("sr", "sr_kd", "bicubic"):
+            for name, size in sizes.items():
+                assert Image.open(folder / method / name).size == size
+        with (folder / "per_image.csv").open() as f:
+            per_image = list(csv.DictReader(f))
+        assert len(per_image) == 9 and all(r["status"] == "ok" and r["ssim"] for r in per_image)
+    summary = json.loads((out / "summary.json").read_text())
+    methods = {(r["method"], r["scale"]) for r in summary["rows"]}
+    assert methods == {(m, s) for m in ("LDCSR", "LDCSR (sr_kd)", "Bicubic") for s in (2, 3.7, 8)}
+    rows = summary["rows"]
+    assert all(r["psnr"] > min_psnr and 0 < r["ssim"] <= 1 and r["images"] == 3 for r in rows)
+    return summary
 
 
 def png(path) -> np.ndarray:

@@ -1,22 +1,19 @@
-"""Test helpers shared by tests and benchmarks: random stand-ins for pretrained files and for
-training's effect on zero-initialised convs. Never imported by library code."""
+"""Test helpers: random stand-ins for pretrained files, the authors' key lists, random images.
+Never imported by library code or benchmarks."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from benchmarks.random_weights import randomize_zero_init  # noqa: F401 - for the tests
 from utils.weights import WEIGHTS
-
-if TYPE_CHECKING:  # annotation only: the weight writers need no Lightning
-    from models.ldcsr import LDCSR
 
 
 def sample_trajectory(diffusion, denoise_fn, *args, **kwargs):
@@ -30,18 +27,6 @@ def sample_trajectory(diffusion, denoise_fn, *args, **kwargs):
 
     x0 = diffusion.sample(recording, *args, **kwargs)
     return x0, torch.stack([*seen[1:], x0])
-
-
-def randomize_zero_init(model: LDCSR, std: float = 0.02) -> None:
-    """Give the UNet's zero-initialised convs (its output conv and every ResBlock's last conv)
-    N(0, std) weights, as training would, and copy them to the EMA (sampling uses it). For tests
-    and benchmarks with random weights: a fresh UNet predicts eps = 0 exactly, which would hide
-    its embeddings and the sampling chain from any comparison."""
-    with torch.no_grad():
-        for name, param in model.model.named_parameters():
-            if param.dim() > 1 and not param.any():
-                nn.init.normal_(param, std=std)
-                getattr(model.model_ema, model.model_ema.m_name2s_name[name]).copy_(param)
 
 
 def _skeleton(name: str) -> nn.Module:

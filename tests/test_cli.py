@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
-from utils.cli import pick_device
+from utils.cli import checkpoint_load_errors, pick_device
+from utils.config import ConfigError
 
 
 class _FlagError(ValueError):
@@ -21,14 +24,33 @@ def test_pick_device_resolves_auto_and_names_the_fix_for_missing_cuda():
         pick_device("cuda", _FlagError)
 
 
-ENTRY_POINTS = ["train.py", "test.py", "super_resolve.py", "demo.py", "data/prepare_split.py"]
+@pytest.mark.parametrize(
+    "error", [ValueError("holds no state dict"), pickle.UnpicklingError("bad key"), EOFError("eof")]
+)
+def test_checkpoint_load_errors_name_the_checkpoint_once(error):
+    """test.py and super_resolve.py: a file that is no checkpoint of this model -> one ConfigError
+    naming it; a ConfigError of the loader (which names the file itself) is not wrapped again."""
+    with pytest.raises(ConfigError) as info, checkpoint_load_errors("run/last.ckpt"):
+        raise error
+    assert str(info.value) == f"cannot load run/last.ckpt: {error}"
+    own = ConfigError("run/last.ckpt is not a stage-2 (diffusion) checkpoint")
+    with pytest.raises(ConfigError) as info, checkpoint_load_errors("run/last.ckpt"):
+        raise own
+    assert info.value is own
+
+
+# data.prepare_split as a module: run as a file, it replaces the process (test_prepare_split.py)
+ENTRY_POINTS = ["train.py", "test.py", "super_resolve.py", "demo.py", "data.prepare_split"]
 _HELP = """
 import contextlib, io, json, runpy, sys
 out = {}
 for script in sys.argv[1:]:
     sys.argv, buf = [script, "--help"], io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
-        runpy.run_path(script, run_name="__main__")
+        if script.endswith(".py"):
+            runpy.run_path(script, run_name="__main__")
+        else:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
     out[script] = buf.getvalue()
 print(json.dumps(out))
 """

@@ -17,14 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.datamodule import DataModule
-from data.datasets import (
-    FixedScaleDataset,
-    ImageFolder,
-    MultiScaleTrainDataset,
-    load_split_pickle,
-    seeded_split,
-)
+from data.datasets import FixedScaleDataset, ImageFolder, MultiScaleTrainDataset
 from data.sampler import ScaleBatchSampler
+from data.splits import load_split_pickle, seeded_split
 from data.transforms import augment, lr_size, resize_bicubic
 from tests.helpers import write_rgb
 from utils.image_io import ImageReadError, list_images, load_image, to_tensor01, verify_image
@@ -338,6 +333,27 @@ def test_datamodule_resolves_roots_and_reports_bad_files(tmp_path):
         DataModule(batch_size=2, train=dm.configs["train"], data_root=str(tmp_path / "AID")).setup(
             "fit"
         )
+    # the datasets hand ImageFolder its arguments, and it refuses a misspelt one
+    bad = {
+        "target": target + "FixedScaleDataset",
+        "params": {"root": "val", "scale": 3, "frist_k": 1},
+    }
+    with pytest.raises(
+        TypeError, match="FixedScaleDataset: .*unexpected keyword argument 'frist_k'"
+    ):
+        DataModule(batch_size=2, validation=bad, data_root=str(tmp_path / "AID")).setup("validate")
+
+
+def test_dataset_configs_take_image_folder_arguments_as_overrides():
+    """The datasets hand ImageFolder its arguments (**folder) and declare them in their
+    signatures, against which utils.config checks an override of a key the file lacks."""
+    from utils.config import ConfigError, load_config
+
+    tiny = [str(REPO / "configs" / "tiny" / "first_stage.yaml")]
+    config = load_config(tiny, ["data.params.train.params.split_seed=5"])
+    assert config.data.params.train.params.split_seed == 5
+    with pytest.raises(ConfigError, match="unknown config key .*frist_k.*'first_k', 'repeat'"):
+        load_config(tiny, ["data.params.train.params.frist_k=5"])
 
 
 @pytest.mark.parametrize(

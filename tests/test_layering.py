@@ -3,7 +3,9 @@ training (train.py's orchestration) -> utils.
 
 `ldm` is pure PyTorch; `utils` holds small helpers that import no other package of ours; `data`
 (training data) and `scenes` (whole scenes on disk) read and write images without models; no
-library module imports a script or `tests`.
+library module imports a script, `benchmarks` or `tests`; no code outside `tests/` imports `tests`
+or edits the import path (`sys.path`): scripts run from the repository root, benchmarks and
+`data.prepare_split` as modules (`python -m ...`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPTS = ("train", "test", "super_resolve", "demo", "data.prepare_split")
+NOT_LIBRARY = ("benchmarks", "tests")  # never imported by the library (tests: by nothing else)
 LIBRARY = ("ldm", "utils", "data", "scenes", "training", "models", "evaluation")
 FORBIDDEN = {
     "utils": ("data", "scenes", "training", "models", "evaluation", "ldm"),
@@ -80,7 +83,7 @@ def _violations(package: str) -> list[str]:
     bad = []
     for path in _files(package):
         names = imported_modules(path)
-        wrong = {n for n in names if _within(n, (*FORBIDDEN[package], *SCRIPTS, "tests"))}
+        wrong = {n for n in names if _within(n, (*FORBIDDEN[package], *SCRIPTS, *NOT_LIBRARY))}
         if package == "ldm":
             wrong |= {n for n in names if n.split(".")[0] not in LDM_ALLOWED}
         shortest = sorted(n for n in wrong if not _within(n.rsplit(".", 1)[0], wrong - {n}))
@@ -112,6 +115,45 @@ def test_the_checker_sees_relative_and_submodule_imports(tmp_path, monkeypatch):
         "data/synthetic/y.py imports data.prepare_split",
         "data/synthetic/y.py imports test",
     ]
+
+
+def _code_outside_tests() -> list[Path]:
+    """Every Python file of the repository but those of tests/ (scripts, packages, benchmarks)."""
+    files = sorted(ROOT.glob("*.py"))
+    for folder in sorted(p for p in ROOT.iterdir() if p.is_dir() and p.name != "tests"):
+        files += sorted(folder.rglob("*.py"))
+    assert any(p.parent.name == "benchmarks" for p in files) and ROOT / "train.py" in files
+    return files
+
+
+def test_scripts_and_benchmarks_do_not_import_tests():
+    bad = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in _code_outside_tests()
+        for name in sorted(imported_modules(path))
+        if _within(name, ("tests",))
+    ]
+    assert not bad, bad
+
+
+def _sys_path_uses(path: Path) -> list[int]:
+    """Lines of `path` that use `sys.path` (read or write) or import `path` from sys."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Attribute) and node.attr == "path":
+            if isinstance(node.value, ast.Name) and node.value.id == "sys":
+                lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "sys":
+            lines += [node.lineno for alias in node.names if alias.name == "path"]
+    return sorted(lines)
+
+
+def test_no_import_path_edits_outside_tests(tmp_path):
+    bad = [f"{p.relative_to(ROOT)}:{n}" for p in _code_outside_tests() for n in _sys_path_uses(p)]
+    assert not bad, f"sys.path used (run from the repository root, or as python -m): {bad}"
+    probe = tmp_path / "probe.py"  # the checker sees both spellings
+    probe.write_text("import sys\nsys.path.insert(0, '.')\nfrom sys import path\n")
+    assert _sys_path_uses(probe) == [2, 3]
 
 
 def test_no_device_literals_or_prints_in_library_code():

@@ -1,6 +1,7 @@
 """Stage-1 loss (ldm/losses.py): PatchGAN, GAN losses, adaptive weight, LPIPS key names."""
 
 import urllib.error
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ from ldm.losses import (
     vanilla_d_loss,
     weights_init,
 )
+from tests.conftest import tiny_config
 from tests.helpers import write_random_weights
+from utils.config import instantiate_from_config
+from utils.weights import MissingWeightsError, build_lpips
 
 
 class TinyPerceptual(nn.Module):
@@ -41,7 +45,7 @@ class Posterior:
 
 def _setup(disc_start=10, **kwargs):
     torch.manual_seed(0)
-    loss = LPIPSWithDiscriminator(disc_start, perceptual_net=TinyPerceptual(), **kwargs)
+    loss = LPIPSWithDiscriminator(disc_start, build_perceptual=TinyPerceptual, **kwargs)
     decoder = nn.Conv2d(3, 3, 3, padding=1)  # its weight plays the decoder's last layer
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     rec = decoder(x + 0.1 * torch.randn_like(x))
@@ -134,10 +138,11 @@ def test_backward_reaches_logvar_and_discriminator_not_perceptual_net():
 
 
 def test_default_perceptual_net_has_the_authors_key_names(tmp_path, monkeypatch):
+    """The LPIPS(VGG) the stage-1 model passes (utils.weights.build_lpips) keeps taming's keys."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _blocked_download)
     write_random_weights(tmp_path, ["vgg16"])
-    loss_fn = LPIPSWithDiscriminator(disc_start=0)
+    loss_fn = LPIPSWithDiscriminator(disc_start=0, build_perceptual=partial(build_lpips, "vgg"))
     keys = [k for k in loss_fn.state_dict() if k.startswith("perceptual_loss.")]
     vgg_convs = {1: (0, 2), 2: (5, 7), 3: (10, 12, 14), 4: (17, 19, 21), 5: (24, 26, 28)}
     taming = ["perceptual_loss.scaling_layer.shift", "perceptual_loss.scaling_layer.scale"]
@@ -166,16 +171,25 @@ def test_default_perceptual_net_has_the_authors_key_names(tmp_path, monkeypatch)
 
 
 def test_missing_vgg_weights_message(tmp_path, monkeypatch):
+    """A stage-1 model with the LPIPS term and no VGG16 file offline says what to place where."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert torch.hub.get_dir() == str(tmp_path / "hub")
     # torchvision binds load_state_dict_from_url at import, so block the download itself
     monkeypatch.setattr(torch.hub, "download_url_to_file", _blocked_download)
-    with pytest.raises(RuntimeError) as info:
-        LPIPSWithDiscriminator(disc_start=0)
+    config = tiny_config(1, "model.params.lossconfig.params.perceptual_weight=1.0")
+    with pytest.raises(MissingWeightsError) as info:
+        instantiate_from_config(config.model)
     message = str(info.value)
-    assert "vgg16-397923af.pth" in message
+    assert "'vgg16-397923af.pth'" in message and "stage-1 perceptual loss" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
+
+
+def test_perceptual_weight_needs_a_perceptual_net():
+    with pytest.raises(ValueError, match="perceptual_weight 1.0 needs build_perceptual"):
+        LPIPSWithDiscriminator(disc_start=0)
+    loss_fn = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0)  # builds nothing
+    assert not hasattr(loss_fn, "perceptual_loss")
 
 
 def test_lpips_eval_mode_option_keeps_the_perceptual_net_deterministic():
@@ -190,25 +204,24 @@ def test_lpips_eval_mode_option_keeps_the_perceptual_net_deterministic():
 @pytest.mark.parametrize("step", [9, 10])  # disc_start 10: one step before, one at the start
 def test_losses_match_the_authors_formulas_around_disc_start(step):
     """Every logged part re-derived from latent-diffusion's formulas, before and after
-    disc_start, with a non-zero logvar, per-pixel weights and disc_factor 0.7."""
+    disc_start, with a non-zero logvar and disc_factor 0.7."""
     kw = dict(kl_weight=1e-3, disc_weight=0.5, perceptual_weight=0.8, disc_factor=0.7)
     loss_fn, decoder, x, rec, posterior = _setup(disc_start=10, logvar_init=0.3, **kw)
     loss_fn.train()
     loss_fn.perceptual_loss.eval()  # deterministic LPIPS on both sides of the comparison
-    weights = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) + 0.5
-    loss, log = loss_fn(x, rec, posterior, 0, step, decoder.weight, split="train", weights=weights)
+    loss, log = loss_fn(x, rec, posterior, 0, step, decoder.weight, split="train")
 
     lv, batch = 0.3, x.shape[0]
     rec_px = (x - rec).abs() + 0.8 * loss_fn.perceptual_loss(x, rec)  # [B, 3, H, W]
     nll_px = rec_px / torch.exp(torch.tensor(lv)) + lv
-    nll, weighted_nll = nll_px.sum() / batch, (weights * nll_px).sum() / batch
+    nll = nll_px.sum() / batch
     kl = posterior.kl().sum() / batch
     g = -loss_fn.discriminator(rec).mean()
     grads = [torch.autograd.grad(t, decoder.weight, retain_graph=True)[0] for t in (nll, g)]
     d_weight = torch.clamp(grads[0].norm() / (grads[1].norm() + 1e-4), 0.0, 1e4) * 0.5
     factor = 0.0 if step < 10 else 0.7
     expected = {
-        "total_loss": weighted_nll + 1e-3 * kl + d_weight * factor * g,
+        "total_loss": nll + 1e-3 * kl + d_weight * factor * g,
         "logvar": torch.tensor(lv),
         "kl_loss": kl,
         "nll_loss": nll,

@@ -11,7 +11,6 @@ from PIL import Image
 from tests.helpers import write_random_weights
 from utils.metrics import (
     crop_border_for,
-    fid_from_folders,
     fid_statistics,
     frechet_distance,
     lpips_distance,
@@ -164,22 +163,21 @@ def test_fid_matches_pytorch_fid(torch_home, tmp_path):
     hr_dir = _write_images(tmp_path / "hr", 1, smooth=False)
     # 64-d features (first Inception block) keep sqrtm fast; the code path is the 2048-d one's
     ref = calculate_fid_given_paths([str(sr_dir), str(hr_dir)], 4, "cpu", 64, num_workers=0)
-    ours = fid_from_folders(sr_dir, hr_dir, batch_size=4, dims=64)
-    injected = fid_from_folders(sr_dir, hr_dir, model=build_inception(64), batch_size=4, dims=64)
+    ours = frechet_distance(*(fid_statistics(d, batch_size=4, dims=64) for d in (sr_dir, hr_dir)))
+    model = build_inception(64)
+    injected = frechet_distance(*(fid_statistics(d, model, 4, dims=64) for d in (sr_dir, hr_dir)))
     assert ref > 0 and abs(ours - ref) < 1e-6 and abs(injected - ref) < 1e-6
-    with pytest.raises(FileNotFoundError, match="no image"):
-        fid_from_folders(tmp_path, hr_dir, model=build_inception(64), dims=64)
 
 
 def test_fid_from_cached_statistics_is_the_same(torch_home, tmp_path):
-    """An HR fit computed once and reused gives the FID `fid_from_folders` recomputes."""
+    """An HR fit computed once and reused gives the FID that fitting both folders again gives."""
     sr_dir = _write_images(tmp_path / "sr", 0, smooth=True)
     hr_dir = _write_images(tmp_path / "hr", 1, smooth=False)
     model = build_inception(64)
     sr_stats, hr_stats = (fid_statistics(d, model, 4, "cpu", 64) for d in (sr_dir, hr_dir))
     assert hr_stats[0].shape == (64,) and hr_stats[1].shape == (64, 64)
     cached = [frechet_distance(sr_stats, hr_stats) for _ in range(2)]  # the fit is not altered
-    fresh = fid_from_folders(sr_dir, hr_dir, model, 4, "cpu", 64)
+    fresh = frechet_distance(*(fid_statistics(d, model, 4, "cpu", 64) for d in (sr_dir, hr_dir)))
     assert cached[0] > 0 and cached[0] == cached[1] and abs(cached[0] - fresh) < 1e-6
     with pytest.raises(FileNotFoundError, match="no image"):
         fid_statistics(tmp_path, model, dims=64)

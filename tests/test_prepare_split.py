@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.datasets import flat_names, load_split_pickle
 from data.prepare_split import main as prepare_main
+from data.splits import flat_names, load_split_pickle
 from tests.conftest import SUBPROCESS_TIMEOUT
 from tests.helpers import write_rgb
 from utils.image_io import load_image

@@ -12,8 +12,8 @@ import torch
 from models.guard import NonFiniteLossGuard
 from tests.conftest import ROOT, SUBPROCESS_TIMEOUT, tiny_config
 from tests.test_training import FAST, _train, image_dir, stage1_run  # noqa: F401 - fixtures
-from training.run import resolve_resume
-from utils.checkpoint import AtomicCheckpointIO
+from training.checkpoints import AtomicCheckpointIO
+from training.folders import resolve_resume
 from utils.config import instantiate_from_config
 
 
@@ -154,14 +154,14 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 DDP_SCRIPT = r"""
 import sys, torch, train
 from pytorch_lightning.callbacks import Callback
-import training.run as ut
+import training.trainer
 
 class Dump(Callback):
     def on_train_end(self, trainer, pl_module):
         torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
                    f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
 
-build = ut.build_callbacks
+build = training.trainer.build_callbacks
 train.build_callbacks = lambda config, run_dir, **kw: [*build(config, run_dir, **kw), Dump()]
 train.main(sys.argv[2:])
 """

@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Callback
 import train
 from tests.test_reliability import _assert_same_training_state, _ckpt
 from tests.test_training import _train, image_dir, stage1_run  # noqa: F401 - fixtures
-from training.run import read_run_record
+from training.record import read_run_record
 
 BATCHES = 4  # straight run: 2 epochs of 2 batches (data_length 8 of the 11 training images)
 COMMON = (

@@ -18,7 +18,7 @@ from PIL import Image
 import train
 from tests.conftest import ROOT, SUBPROCESS_TIMEOUT, tiny_config
 from tests.test_training import image_dir  # noqa: F401 - fixture
-from training.run import read_run_record
+from training.record import read_run_record
 from utils.config import ConfigError, instantiate_from_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -133,7 +133,7 @@ def test_train_py_sets_and_logs_the_lr_rule(caplog, tmp_path, image_dir):
 def test_lr_rule_is_the_authors_batch_x_accumulation_unless_scale_lr_by_devices():
     from types import SimpleNamespace
 
-    from training.run import set_learning_rate
+    from training.trainer import set_learning_rate
 
     trainer = SimpleNamespace(
         accumulate_grad_batches=2, num_devices=4, num_nodes=3, is_global_zero=False

@@ -1,2 +1,3 @@
-"""Training orchestration for train.py: run folders and records, resume, loggers, callbacks and the
-learning rate, composed into a Lightning run."""
+"""Training orchestration for train.py: the run folder and resume (`folders`), what a run records
+(`record`), the Lightning pieces from the config (`trainer`) and what goes into and beside its
+checkpoints (`checkpoints`)."""

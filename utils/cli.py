@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from utils.config import ConfigError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -59,6 +64,19 @@ def check_writable_folder(folder: str | Path, flag: str, error: type[Exception] 
             f"{flag} {folder} is not writable ({err.strerror or err} in {existing}); choose "
             f"another {flag}"
         ) from err
+
+
+@contextmanager
+def checkpoint_load_errors(checkpoint: str | Path) -> Iterator[None]:
+    """Turns what loading `checkpoint` raises when it is no checkpoint or does not fit its config
+    (ValueError, unpickling errors, a truncated file) into one `ConfigError` "cannot load
+    <checkpoint>: <reason>"; a ConfigError (its message names the checkpoint) passes unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, pickle.UnpicklingError, EOFError) as err:
+        raise ConfigError(f"cannot load {checkpoint}: {err}") from err
 
 
 def memory_size(value: str) -> float | str:

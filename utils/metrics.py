@@ -42,13 +42,18 @@ def quantize(x01: torch.Tensor) -> torch.Tensor:
     return torch.round(x01.detach().clamp(0, 1) * 255).to(torch.uint8)
 
 
-def _prepare(sr: torch.Tensor, hr: torch.Tensor, crop_border: int, test_y: bool) -> torch.Tensor:
-    """Quantise, crop and optionally convert to Y: -> float64 [2, B, C, H', W'] in [0, 255]."""
+def _check_pair(sr: torch.Tensor, hr: torch.Tensor) -> None:
+    """ValueError unless sr and hr are RGB images of one shape, [3, H, W] or [B, 3, H, W]."""
     if sr.shape != hr.shape or sr.dim() not in (3, 4) or sr.shape[-3] != 3:
         raise ValueError(
             f"sr and hr must both be [3, H, W] or [B, 3, H, W]; got {tuple(sr.shape)} and "
             f"{tuple(hr.shape)}"
         )
+
+
+def _prepare(sr: torch.Tensor, hr: torch.Tensor, crop_border: int, test_y: bool) -> torch.Tensor:
+    """Quantise, crop and optionally convert to Y: -> float64 [2, B, C, H', W'] in [0, 255]."""
+    _check_pair(sr, hr)
     if crop_border < 0 or 2 * crop_border >= min(sr.shape[-2:]):
         raise ValueError(f"crop_border={crop_border} is invalid for images of {tuple(sr.shape)}")
     x = torch.stack([quantize(sr), quantize(hr.to(sr.device))]).double()
@@ -132,11 +137,7 @@ _YIQ = ((0.299, 0.587, 0.114), (0.5959, -0.2746, -0.3213), (0.2115, -0.5227, 0.3
 
 def _uint8_pair(sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both images quantised and as [B, 3, H, W] float32 in [0, 1] (pyiqa's input, k / 255)."""
-    if sr.shape != hr.shape or sr.dim() not in (3, 4) or sr.shape[-3] != 3:
-        raise ValueError(
-            f"sr and hr must both be [3, H, W] or [B, 3, H, W]; got {tuple(sr.shape)} and "
-            f"{tuple(hr.shape)}"
-        )
+    _check_pair(sr, hr)
     a, b = (quantize(t.cpu()).float() / 255.0 for t in (sr, hr))
     return (a, b) if sr.dim() == 4 else (a[None], b[None])
 
@@ -296,27 +297,3 @@ def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
     """FID of two ``fid_statistics`` fits (pytorch-fid's ``calculate_frechet_distance``):
     ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``."""
     return float(calculate_frechet_distance(*stats_a, *stats_b))
-
-
-def fid_from_folders(
-    sr_dir: str | os.PathLike,
-    hr_dir: str | os.PathLike,
-    model: nn.Module | None = None,
-    batch_size: int = 50,
-    device: str | torch.device = "cpu",
-    dims: int = 2048,
-    num_workers: int = 0,
-) -> float:
-    """FID between two image folders with pytorch-fid (= ``calculate_fid_given_paths``).
-
-    Args:
-        sr_dir, hr_dir: folders of images; see ``fid_statistics`` for them and the other arguments.
-
-    Returns:
-        The Frechet distance between the Gaussian fits of the two folders' features.
-    """
-    for folder in (sr_dir, hr_dir):  # both checked before any Inception work
-        _check_image_folder(folder)
-    model = (build_inception(dims) if model is None else model).to(device)
-    options = (model, batch_size, device, dims, num_workers)
-    return frechet_distance(fid_statistics(sr_dir, *options), fid_statistics(hr_dir, *options))

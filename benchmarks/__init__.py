@@ -1,0 +1,2 @@
+"""Speed and memory measurements, run from the repository root as `python -m benchmarks.<name>`
+(benchmarks/README.md)."""
