@@ -4,7 +4,7 @@
         --output results/sr --scale 4
     python super_resolve.py photos/ "more/*.png" --checkpoint CKPT --output out/ --scale 3.5x2.5
     python super_resolve.py big.png --checkpoint authors.ckpt -c configs/second_stage_van_v4.yaml \\
-        --output out/ --size 4000x4000 --tile 128 --tile-overlap 16
+        --output out/ --size 4000x4000 --tile 128
     python super_resolve.py s2_scene.tif --checkpoint CKPT --output out/ --scale 2 \\
         --bands 3,2,1 --value-range 0,3000 --cog
 
@@ -17,11 +17,11 @@ authors' model; the width factor only changes the output grid. Outputs are sampl
 
 Inference is `LDCSR.super_resolve`: scenes whose untiled run would need more than --max-memory GB
 (estimated from the loaded model's own widths; default auto: 3/4 of the memory available) are
-tiled (--tile LR pixels, 0 = never tile): the stages with scene-wide normalisation statistics
-run whole where they fit the budget (the condition encoder streams by bands of rows, exactly,
-where it does not) and the output is rendered in tiles; the diffusion noise is drawn once for
-the whole scene's latent and every tile is conditioned on the scene's scale and size, so tiles
-agree (docs/method.md, "Tiled inference").
+tiled (--tile LR pixels, default: as large as the budget allows; 0 = never tile): the stages
+with scene-wide normalisation statistics run whole where they fit the budget and stream by bands
+of rows where they do not, with the statistics of the untiled run, and the output is rendered in
+tiles; the diffusion noise is drawn once for the whole scene's latent, so a tiled scene is the
+untiled output up to float rounding (docs/method.md, "Tiled inference").
 
 Formats (scenes/scene_io.py): PNG/JPEG, 8/16-bit, grey/RGB with or without alpha, are written
 as PNG with the input's bands and bit depth. TIFF/GeoTIFF of any size, band count and dtype are
@@ -140,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     add("--tile", type=int, default=None, help="LR tile size; 0 = off (default: auto)")
-    add("--tile-overlap", type=int, default=16, help="LR overlap of neighbouring tiles")
     add(
         "--max-memory",
         type=memory_size,
@@ -339,9 +338,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         parse_size(args.size)
     try:
-        check_tile(args.tile or 0, args.tile_overlap)
+        check_tile(args.tile or 0)
     except ValueError as err:
-        raise UsageError(f"--tile / --tile-overlap: {err}") from None
+        raise UsageError(f"--tile: {err}") from None
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: use 1 (no uncertainty map) or N >= 2")
     if args.block is not None and args.block < 2 * OVERLAP:
@@ -372,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     with checkpoint_load_errors(args.checkpoint):
         model = load_sr_model(args.checkpoint, args.config, map_location=device)
     args.tiling = dict(
-        max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
+        max_memory=args.max_memory, tile=args.tile,
         precision=precision, progress=not args.no_progress,
     )  # fmt: skip
     failed = super_resolve_all(model, args, jobs, dsts, world)

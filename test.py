@@ -42,7 +42,7 @@ for the whole run (each records the protocol), paper_tables/table1_x2_x4_x8,
 table2_continuous_scales, table3_x4 .{md,csv,tex} (the paper's layouts; blank = not run), and
 report.html (+ report_assets/, --no-report to skip): the tables and an image viewer that open
 offline in a browser. Scenes of any size run in bounded memory: those whose untiled run would need
-more than --max-memory GB are tiled (--tile, --tile-overlap; see super_resolve.py). With --samples N
+more than --max-memory GB are tiled (--tile; see super_resolve.py). With --samples N
 (N >= 2) LDCSR also draws N samples per batch (seeds seed + b, ..., seed + b + N - 1; the scored
 output is the first, as without it) and writes <dataset>/x<s>/uncertainty/<name>_uncertainty.tif
 (float32 per-pixel std of the samples' [0, 1] outputs, mean over colour channels) and .png (viridis
@@ -154,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="GB a run may use before it tiles; auto: 3/4 of the memory available now",
     )
     add("--tile", type=int, default=None, help="LR tile size; 0 = off; default: auto")
-    add("--tile-overlap", type=int, default=16, help="LR overlap of neighbouring tiles")
     add("--save-images", action=argparse.BooleanOptionalAction, default=True, help="keep PNGs")
     report_help = "write report.html: tables and an image viewer that opens offline (--no-report)"
     add("--report", action=argparse.BooleanOptionalAction, default=True, help=report_help)
@@ -195,9 +194,9 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     if args.samples < 1 or args.samples > 1 and args.first_stage:
         parser.error(f"--samples {args.samples}: 1, or N >= 2 for a stage-2 (LDCSR) model")
     try:
-        check_tile(args.tile or 0, args.tile_overlap)
+        check_tile(args.tile or 0)
     except ValueError as err:
-        parser.error(f"--tile / --tile-overlap: {err}")
+        parser.error(f"--tile: {err}")
     if args.first_stage and (args.sr_kd or datatype not in REFERENCE_DATATYPES):
         parser.error("--first-stage needs HR images (hr-downsample or paired) and no --sr-kd")
     if args.skip_existing and (args.overwrite or not args.save_images):
@@ -246,9 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     options.update(batch_size=args.batch_size, save_images=args.save_images, sr_kd=args.sr_kd)
     options.update(samples=args.samples, sr_dirs=sr_dirs)
     options.update(world=world, skip_existing=args.skip_existing)
-    options["tiling"] = dict(
-        max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap
-    )
+    options["tiling"] = dict(max_memory=args.max_memory, tile=args.tile)
     rows = []
     for source in sources:
         rows += evaluate(model, source, scales, out_dir, overwrite=args.overwrite, **options)

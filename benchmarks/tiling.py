@@ -2,7 +2,8 @@
 
     python -m benchmarks.tiling                                  # x4, 1200x1200 output, tile 128
     python -m benchmarks.tiling --sizes 1200 2000 --contents smooth noise --threads 2
-    python -m benchmarks.tiling --sizes 4000 --methods tiled --max-memory 2   # bounded memory
+    python -m benchmarks.tiling --sizes 4000 --methods tiled --max-memory 2 --tile auto
+    python -m benchmarks.tiling --max-memory 0.07 --tile auto   # every stage streamed
 
 The paper config with seeded random weights (seed 0, the UNet's zero-initialised convs given
 N(0, 0.02) weights as in benchmarks.speed), one LR image of side size / scale per size and
@@ -10,8 +11,10 @@ content ("smooth": bicubic-upsampled random noise of 1/8 the side; "noise": unif
 same sampling seed for both methods, through the public API `LDCSR.super_resolve`:
 
   untiled  tile=0 (the plain inference-mode forward of each network);
-  tiled    tile=--tile LR pixels under --max-memory (default auto: 3/4 of the available memory):
-           the stages with scene-wide statistics run whole where they fit the budget.
+  tiled    tile=--tile LR pixels ("auto": as large as the budget allows) under --max-memory
+           (default auto: 3/4 of the available memory): the stages with scene-wide statistics
+           run whole where they fit the budget and stream by bands (exact statistics) where
+           not.
 
 The two methods alternate within each repeat (the order flips every repeat), so that a loaded
 machine slows both alike. Printed per size and content: wall and CPU seconds (median of
@@ -51,12 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sizes", type=int, nargs="+", default=[1200], help="output sides in pixels")
     add("--scale", type=int, default=4, help="SR factor (integer: LR side = size / scale)")
     add("--contents", nargs="+", default=["smooth"], choices=("smooth", "noise"), help="LR")
-    add("--tile", type=int, default=128, help="LR tile of the tiled run")
+    add("--tile", type=render_tile, default=128, help="LR render tile of the tiled run, or auto")
     add("--max-memory", type=memory_size, default="auto", help="GB budget of the tiled run")
     add("--methods", nargs="+", default=["untiled", "tiled"], help="subset of untiled, tiled")
     add("--repeats", type=int, default=1, help="timed runs per method (median)")
     add("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     return parser
+
+
+def render_tile(value: str) -> int | None:
+    """`--tile` values: LR pixels, or "auto" (None: sized from the budget)."""
+    return None if value == "auto" else int(value)
 
 
 def make_lr(content: str, side: int) -> torch.Tensor:

@@ -91,7 +91,7 @@ def build_methods(
     samples: int = 1,
 ) -> list[Method]:
     """LDCSR (+ its sr_kd decode) for a stage-2 model, the reconstruction for a stage-1 one;
-    `tiling` (`max_memory`, `tile`, `tile_overlap`) bounds their memory; with `samples` >= 2
+    `tiling` (`max_memory`, `tile`) bounds their memory; with `samples` >= 2
     LDCSR also returns the uncertainty map of that many samples."""
     if hasattr(model, "super_resolve"):  # models.ldcsr.LDCSR
         sr = partial(sample_with_uncertainty, samples=samples) if samples >= 2 else _sr
@@ -337,7 +337,7 @@ def evaluate(
     scale samples with `torch.Generator().manual_seed(seed + b)`; batches hold images of equal
     size only.
     `overwrite` replaces an earlier `<dataset>/x<s>` folder instead of refusing. `tiling`
-    (`max_memory` GB, `tile`, `tile_overlap`) is passed to `super_resolve` / `reconstruct`,
+    (`max_memory` GB, `tile`) is passed to `super_resolve` / `reconstruct`,
     which tile scenes whose untiled run would exceed the memory budget. `samples` >= 2: LDCSR's
     uncertainty maps, their error correlation and calibration (`evaluation.uncertainty`).
     `world` (`utils.distributed`): batch b runs on rank b mod size, rank 0 merges the rows,

@@ -6,9 +6,13 @@ channel attention and FRU from IMDN; the scale-conditioned feature modulation of
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.chain import Stage, run_chain
 
 
 def normalize(channels: int) -> nn.GroupNorm:
@@ -104,10 +108,22 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Outside autograd the norm outputs and the conv output are fresh: SiLU and the residual
-        # run in place (3 instead of ~6 full-size temporaries).
+        return self.second(*self.first(x))
+
+    def stages(self) -> list[Stage]:
+        """The block as two stages (`ldm.chain`), each starting at a GroupNorm (so that
+        measuring its statistics needs no convolution twice) and reading one row around."""
+        return [Stage(self.first, 1), Stage(self.second, 1, take=2)]
+
+    # Outside autograd the norm outputs and the conv output are fresh: SiLU and the residual
+    # run in place (3 instead of ~6 full-size temporaries).
+    def first(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (x, conv1(swish(norm1(x))))."""
+        return x, self.conv1(swish(self.norm1(x), lean()))
+
+    def second(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(x, h) -> shortcut(x) + conv2(dropout(swish(norm2(h))))."""
         inplace = lean()
-        h = self.conv1(swish(self.norm1(x), inplace))
         h = self.conv2(self.dropout(swish(self.norm2(h), inplace)))
         skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return h.add_(skip) if inplace else skip + h
@@ -170,10 +186,17 @@ class IMDModule(nn.Module):
         self.cca = ContrastChannelAttention(self.distilled * 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(*self.features(x))
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distillation convolutions (4 rows around): x -> (x, cat[d1, d2, d3, c4(r)])."""
         d1, r = self.distill(self.c1, x)
         d2, r = self.distill(self.c2, r)
         d3, r = self.distill(self.c3, r)
-        out = torch.cat([d1, d2, d3, self.c4(r)], dim=1)  # [B, 4d, h, w]
+        return x, torch.cat([d1, d2, d3, self.c4(r)], dim=1)  # [B, 4d, h, w]
+
+    def merge(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The channel attention (statistics over the whole map) and 1x1 fusion, plus x."""
         return pointwise(self.cca(out), self.c5.weight, self.c5.bias) + x
 
     def distill(self, conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,13 +237,32 @@ class FRU(nn.Module):
         self.LR_conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fusion, nf = self.c[0], x.shape[1]
-        fused, h = None, x
+        return run_chain(self.stages(), x)[0]
+
+    def stages(self) -> list[Stage]:
+        """The unit as a chain of stages (`ldm.chain`) on the stack [x, fused, h]: IMD module
+        j's convolutions (4 rows around) push their concatenated output on top of h; its
+        channel attention (whole-map statistics) and 1x1 fusion then give h' and add block j
+        of the unit's 1x1 fusion of h' to `fused`; the tail reads (x, fused, h). The attention
+        starts a stage of its own, so that measuring its statistics needs no convolution
+        twice."""
+        chain = []
         for j, block in enumerate(self.IMDB):
-            h = block(h)  # [B, nf, h, w]
-            weight = fusion.weight[:, j * nf : (j + 1) * nf]  # block j of the 1x1 conv
-            part = pointwise(h, weight, fusion.bias if j == 0 else None)
-            fused = part if fused is None else fused.add_(part)
+            chain += [Stage(block.features, 4), Stage(partial(self.refine, j), take=2 + (j > 0))]
+        return chain + [Stage(self.tail, 1, take=3)]
+
+    def refine(self, j: int, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """IMD module j's merge and its share of the fusion: (x, cat) -> (x, fused, h') for
+        j = 0, (fused, h, cat) -> (fused + part, h') after."""
+        fusion, h, cat = self.c[0], maps[-2], maps[-1]
+        out = self.IMDB[j].merge(h, cat)  # [B, nf, h, w]
+        nf = out.shape[1]
+        weight = fusion.weight[:, j * nf : (j + 1) * nf]  # block j of the 1x1 conv
+        part = pointwise(out, weight, fusion.bias if j == 0 else None)
+        return (h, part, out) if j == 0 else (maps[0].add_(part), out)
+
+    def tail(self, x: torch.Tensor, fused: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """LR_conv(lrelu(fused)) + x."""
         return self.LR_conv(self.c[1](fused)) + x
 
 

@@ -8,6 +8,7 @@ The same encoder class (in_channels 3, double_z False) is stage 2's condition en
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from ldm.blocks import (
     normalize,
     swish,
 )
+from ldm.chain import Stage, run_chain
 from ldm.upsampler import ScaleAwareUpsampler, resize_to
 
 UPSAMPLERS = {
@@ -44,6 +46,11 @@ def build_upsampler(name: str, channels: int, out_channels: int) -> nn.Module:
     """The decoder's upsampler by name (the paper's is "scale_aware")."""
     _check_choice("upsampler", name, tuple(UPSAMPLERS))
     return UPSAMPLERS[name](channels, out_channels)
+
+
+def transfer(conv: nn.Conv2d, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder level's output h_k = conv(h), pushed under h: (h_k, h)."""
+    return conv(h), h
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -106,22 +113,18 @@ class GAPEncoder(nn.Module):
         """x: [B, in, H, W] -> [B, (2)z, ~H/8, ~W/8]."""
         # Kept in NCHW: channels-last convolutions round differently, and the sampling chain
         # amplifies the condition's rounding ~25x (conformance tolerance 1e-4).
-        h = x
-        for stage, _, _ in self.stages():
-            h = stage(h)
-        return h
+        return run_chain(self.stages(), x)[0]
 
-    def stages(self) -> list[tuple]:
-        """The encoder as a chain of (stage, halo, stride): a stage's output pixel reads its
-        input within `halo` pixels (3x3 convolutions) and on a grid `stride` times coarser
-        (a `Downsample` reads rows 2i .. 2i + 2); tiled inference streams the scene through
-        the chain stage by stage."""
-        chain = [(self.conv_in, 1, 1)]
+    def stages(self) -> list[Stage]:
+        """The encoder as a chain of stages (`ldm.chain`): 3x3 convolutions read one row
+        around (a ResnetBlock is two stages), a `Downsample` rows 2i .. 2i + 2; tiled
+        inference streams the scene through the chain by bands of rows."""
+        chain = [Stage(self.conv_in, 1)]
         for level in self.down:
-            chain += [(block, 2, 1) for block in level.block]
+            chain += [stage for block in level.block for stage in block.stages()]
             if hasattr(level, "downsample"):
-                chain.append((level.downsample, 1, 2))
-        return chain + [(self.mid.block_1, 2, 1), (self.mid.block_2, 2, 1), (self.out, 1, 1)]
+                chain.append(Stage(level.downsample, 1, stride=2))
+        return chain + [*self.mid.block_1.stages(), *self.mid.block_2.stages(), Stage(self.out, 1)]
 
     def out(self, h: torch.Tensor) -> torch.Tensor:
         """norm_out -> swish -> conv_out."""
@@ -280,15 +283,19 @@ class GAPDecoder(nn.Module):
     def latent_features(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Embedding branch before the resize to the LR size: h_k [B, ch, h_z, w_z] per level,
         in processing order (k = 0 is level L-1); without the SR branch only level 0's."""
-        h = self.mid.block_2(self.mid.block_1(self.conv_in(inference_layout(z))))
-        feats = []
+        return run_chain(self.latent_stages(), z)[:-1]
+
+    def latent_stages(self) -> list[Stage]:
+        """`latent_features` as a chain of stages (`ldm.chain`): z -> [h_0, .., h_k, h]; a
+        level's `transfer` pushes its h_k under the running map h (dropped at the end)."""
+        first = lambda z: self.conv_in(inference_layout(z))  # noqa: E731
+        chain = [Stage(first, 1), *self.mid.block_1.stages(), *self.mid.block_2.stages()]
         for i in reversed(range(len(self.up))):
             level = self.up[i]
-            for block in level.block:
-                h = block(h)
+            chain += [stage for block in level.block for stage in block.stages()]
             if hasattr(level, "transfer"):
-                feats.append(level.transfer(h))
-        return feats
+                chain.append(Stage(partial(transfer, level.transfer)))
+        return chain
 
     def modulations(self, scale: float, like: torch.Tensor) -> list[tuple | None]:
         """(a_k, b_k) [1, ch] per level from the scale s = H_out / h_lr (None without them)."""
@@ -311,17 +318,35 @@ class GAPDecoder(nn.Module):
         Returns:
             [B, ch, h, w] features for the upsampler.
         """
+        maps = [] if feats is None else feats[::-1]
+        return run_chain(self.sr_stages(scale, feats is not None), *maps, lr)[0]
+
+    def sr_stages(self, scale: float, with_latent: bool = True) -> list[Stage]:
+        """`sr_branch` as a chain of stages (`ldm.chain`) on the stack [h_{L-1}, .., h_0, lr]
+        ([lr] without latent): `head` (3x3), then per level k the pointwise fusion of (h_k, x)
+        and the FRU's stages; without the SR branch, h_0 itself."""
         if not self.use_sr_branch:
-            return feats[-1].to(lr.dtype)
-        x = self.head(inference_layout(lr))  # [B, ch, h, w]
+            return [Stage(lambda feat, lr: feat.to(lr.dtype), take=2)]
+        chain = [Stage(self.head_features, 1)]
+        for fru, mod in zip(self.FRUList, self.modulations(scale, self.head.weight)):
+            if with_latent:
+                chain.append(Stage(partial(self.fuse, mod), take=2))
+            chain += fru.stages() if isinstance(fru, FRU) else [Stage(fru)]
+        return chain
+
+    def head_features(self, lr: torch.Tensor) -> torch.Tensor:
+        """`head` on lr [B, in, h, w] -> [B, ch, h, w] (channels last outside autograd), with
+        the training-time LR feature dropout (`lr_feature_dropout`)."""
+        x = self.head(inference_layout(lr))
         if self.training and self.lr_feature_dropout > 0:  # our option; training only
             x = x * (torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.lr_feature_dropout)
-        for k, (fru, mod) in enumerate(zip(self.FRUList, self.modulations(scale, x))):
-            if feats is not None:
-                feat = feats[k].to(x.dtype)
-                x = x + feat if self.fusion == "add" else self.style(x, *mod, feat)
-            x = fru(x)
         return x
+
+    def fuse(self, mod, feat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Fusion of SR features x with h_k `feat` (both [B, ch, h, w]): `x + feat`, or the
+        scale modulation with `mod` = (a_k, b_k)."""
+        feat = feat.to(x.dtype)
+        return x + feat if self.fusion == "add" else self.style(x, *mod, feat)
 
     def render(self, x: torch.Tensor, lr: torch.Tensor, out_size, window=None) -> torch.Tensor:
         """`upsampler(x, out_size) + bicubic_up(lr, out_size)` -> [B, out_ch, *out_size]; with

@@ -6,11 +6,13 @@ are the authors' (``time_embed``, ``input_blocks``, ``middle_block``, ``output_b
 """
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.chain import Stage, run_chain
 from ldm.nn import normalization, timestep_embedding, zero_module
 
 
@@ -98,12 +100,17 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x [B, C, h, w], emb [B, E] -> [B, C_out, h', w']."""
+        return self.second(*self.first(x, emb), emb)
+
+    def first(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (x, in_layers(x)), both resampled with `up` / `down`."""
         if self.updown:
             h = self.h_upd(self.in_layers[:-1](x))
-            x = self.x_upd(x)
-            h = self.in_layers[-1](h)
-        else:
-            h = self.in_layers(x)
+            return self.x_upd(x), self.in_layers[-1](h)
+        return x, self.in_layers(x)
+
+    def second(self, x: torch.Tensor, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """(x, h) -> skip(x) + out_layers(h with the embedding)."""
         emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]  # [B, C_out(*2), 1, 1]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
@@ -382,18 +389,61 @@ class UNetModel(nn.Module):
         Returns:
             [B, out_channels, h, w].
         """
-        b, _, h_in, w_in = x.shape
+        chain, h = self.stages(x, timesteps, scale, out_height)
+        return run_chain(chain, h)[0][..., : x.shape[-2], : x.shape[-1]]  # [B, out, h, w]
+
+    def stages(self, x, timesteps, scale=None, out_height=None) -> tuple[list[Stage], torch.Tensor]:
+        """`forward` as a chain of stages (`ldm.chain`) with the embedding bound, and the
+        chain's input: x padded to `pad_multiple` [B, in, H8, W8] (the output is cropped back
+        to x's size). Each layer of a block is a stage (Downsample, Upsample: 1 row around;
+        attention and up/down ResBlocks: whole), a ResBlock two (each starting at a GroupNorm
+        and reading 1 row around); an input block's last stage pushes a copy of its output
+        (the skip connection), an output block's first stage takes (skip, h) and reads
+        cat[h, skip]."""
+        b = x.shape[0]
         timesteps, scale, out_height = (
             None if v is None else torch.as_tensor(v, device=x.device).expand(b)
             for v in (timesteps, scale, out_height)
         )
         emb = self.embed(timesteps, scale, out_height)  # [B, 4 * model_channels]
-        h = pad_to_multiple(x, self.pad_multiple)  # [B, in, H8, W8]
-        skips = []
+        chain = []
         for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)  # [B, C_max, H8 / 2^(L-1), W8 / 2^(L-1)]
+            *layers, last = layer_stages(block, emb)
+            chain += [*layers, last._replace(fn=partial(keep, last.fn))]
+        chain += layer_stages(self.middle_block, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)[..., :h_in, :w_in]  # [B, out, h, w]
+            first, *layers = layer_stages(block, emb)
+            chain += [first._replace(fn=partial(join, first.fn), take=2), *layers]
+        chain.append(Stage(self.out, 1))
+        return chain, pad_to_multiple(x, self.pad_multiple)  # [B, in, H8, W8]
+
+
+def layer_stages(block: TimestepEmbedSequential, emb: torch.Tensor) -> list[Stage]:
+    """The layers of a UNet block as stages, the embedding bound."""
+    stages = []
+    for layer in block:
+        if isinstance(layer, ResBlock) and layer.updown:  # norms on two grids: whole
+            stages.append(Stage(partial(layer, emb=emb), None))
+        elif isinstance(layer, ResBlock):  # two stages, each starting at a GroupNorm
+            stages.append(Stage(partial(layer.first, emb=emb), 1))
+            stages.append(Stage(partial(layer.second, emb=emb), 1, take=2))
+        elif isinstance(layer, AttentionBlock):
+            stages.append(Stage(layer, None))
+        elif isinstance(layer, Downsample):
+            stages.append(Stage(layer, 1, stride=2))
+        elif isinstance(layer, Upsample):
+            stages.append(Stage(layer, 1, up=2))
+        else:  # the stem's 3x3 convolution
+            stages.append(Stage(layer, 1))
+    return stages
+
+
+def keep(fn, *maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(*maps), pushed twice: the skip connection and the running map."""
+    h = fn(*maps)
+    return h, h
+
+
+def join(fn, skip: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """fn(cat[h, skip]) (an output block's first layer)."""
+    return fn(torch.cat([h, skip], dim=1))

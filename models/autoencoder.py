@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torchvision.utils import save_image
 
+from ldm.chain import Stage
 from ldm.distributions import DiagonalGaussianDistribution
 from models.geometry import Geometry, check_output_size
 from models.guard import NonFiniteLossGuard
@@ -167,7 +168,7 @@ class AutoencoderKL(pl.LightningModule):
         """Stage-1 reconstruction `decode(mode(encode(hr, lr)), lr, hr size)`: LR [B, 3, h, w]
         and HR [B, 3, H, W] in [0, 1] -> [B, 3, H, W] in [0, 1], through `models.pipeline`.
 
-        `tiling`: `max_memory`, `tile`, `tile_overlap`, `precision`, `progress` as in
+        `tiling`: `max_memory`, `tile`, `precision`, `progress` as in
         `models.pipeline.run` (tiled when the estimated memory exceeds `max_memory` GB).
         """
         check_output_size(self, hr.shape[-2:])
@@ -199,16 +200,26 @@ class AutoencoderKL(pl.LightningModule):
         """Encoder input [B, C, H, W] -> the posterior's mode [B, embed, H/8, W/8]."""
         return self.posterior(x).mode()
 
-    def encode_mode_stages(self) -> list[tuple]:
-        """`encode_mode` as a chain of (stage, halo, stride) (`GAPEncoder.stages`, then the 1x1
-        `quant_conv` and the mode), which the pipeline streams by bands of rows."""
+    def encode_mode_stages(self) -> list[Stage]:
+        """`encode_mode` as a chain of stages (`GAPEncoder.stages`, then the 1x1 `quant_conv`
+        and the mode), which the pipeline streams by bands of rows."""
         mode = lambda h: DiagonalGaussianDistribution(self.quant_conv(h)).mode()  # noqa: E731
-        return [*self.encoder.stages(), (mode, 0, 1)]
+        return [*self.encoder.stages(), Stage(mode)]
 
     def latent_features(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Latent [B, embed, h_z, w_z] -> the decoder's h_k [B, ch, h_z, w_z] per level
         (`post_quant_conv`, then `GAPDecoder.latent_features`)."""
         return self.decoder.latent_features(self.post_quant_conv(z))
+
+    def latent_stages(self) -> list[Stage]:
+        """`latent_features` as a chain of stages (`ldm.chain`): the 1x1 `post_quant_conv`, then
+        `GAPDecoder.latent_stages` (z -> [h_0, .., h_k, h]; the last map is not a feature)."""
+        return [Stage(self.post_quant_conv), *self.decoder.latent_stages()]
+
+    def sr_stages(self, scale: float, with_latent: bool = True) -> list[Stage]:
+        """`sr_branch` as a chain of stages (`GAPDecoder.sr_stages`) on the stack
+        [h_{L-1}, .., h_0, lr] ([lr] without latent) -> [features]."""
+        return self.decoder.sr_stages(scale, with_latent)
 
     def sr_branch(self, lr: torch.Tensor, feats, scale: float) -> torch.Tensor:
         """The decoder's SR branch (`GAPDecoder.sr_branch`): lr [B, 3, h, w] in [-1, 1], h_k
@@ -237,6 +248,10 @@ class AutoencoderKL(pl.LightningModule):
         return estimate_peak(
             (self.decode_elements(lr_size, out_size, batch), encoder), out_size, batch
         )
+
+    def render_bytes(self, lr_size, out_size, batch: int = 1) -> int:
+        """Rough activation memory of `render` on SR features of `lr_size` to `out_size`."""
+        return 4 * self.decoder.upsampler.peak_elements(lr_size, out_size, batch)
 
     def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
         """Rough activation memory of the whole-scene stages with scene-wide statistics, as

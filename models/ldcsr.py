@@ -145,8 +145,8 @@ class LDCSR(pl.LightningModule):
                 see the crop (at its share of `out_size`) with the scene's scale and height.
             **tiling: `max_memory` (GB; default "auto": 3/4 of the available memory; None =
                 never tile), `tile` (LR pixels; None = automatic, 0 = untiled),
-                `tile_overlap` (16), `precision` ("fp32", "bf16", "fp16") and `progress`, as
-                in `models.pipeline.run`.
+                `precision` ("fp32", "bf16", "fp16") and `progress`, as in
+                `models.pipeline.run`.
         """
         check_output_size(self, out_size)
         # NCHW whatever the caller's layout (a PIL image's tensor is channels-last), so that the
@@ -194,8 +194,8 @@ class LDCSR(pl.LightningModule):
         [B, C, H/8, W/8]."""
         return self.cond_stage_model(lr_up)
 
-    def condition_stages(self) -> list[tuple]:
-        """`encode_upsampled` as a chain of (stage, halo, stride) (`GAPEncoder.stages`), which
+    def condition_stages(self) -> list:
+        """`encode_upsampled` as a chain of stages (`GAPEncoder.stages`), which
         the pipeline streams by bands of rows when the scene is too large to encode whole."""
         return self.cond_stage_model.stages()
 
@@ -220,6 +220,19 @@ class LDCSR(pl.LightningModule):
             return self.model.diffusion_model(torch.cat([x_t, cond], dim=1), t, scale, out_height)
 
         return denoise
+
+    def denoiser_stages(self, scale: float, out_height: int, batch: int):
+        """`denoiser` as a chain of stages: returns `stages(x_t, cond, t) -> (chain, x)`, the
+        UNet's chain (`UNetModel.stages`, embeddings bound) and its input x, cat[x_t, cond]
+        padded; the chain's output cropped to x_t's size is eps."""
+        scale = torch.full((batch,), scale, device=self.device)
+        out_height = torch.full((batch,), int(out_height), device=self.device)
+
+        def stages(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor):
+            x = torch.cat([x_t, cond], dim=1)
+            return self.model.diffusion_model.stages(x, t, scale, out_height)
+
+        return stages
 
     def sample(self, denoise, x_T: torch.Tensor, cond, noises=None, generator=None):
         """The T-step reverse chain from x_T [B, C, h_z, w_z] with `denoise(x_t, cond, t)` ->

@@ -1,5 +1,5 @@
-"""Memory of a whole-scene run: the estimate of the untiled run, the automatic budget and tile
-from the memory available, and glibc heap tuning (keep freed blocks for reuse in untiled runs,
+"""Memory of a whole-scene run: the estimate of the untiled run, the automatic budget from the
+memory available, and glibc heap tuning (keep freed blocks for reuse in untiled runs,
 return them to the OS between tiles)."""
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ import functools
 
 import torch
 
-from models.tiling import MIN_TILE
-
 MEMORY_MARGIN = 0.75  # share of the available memory that the automatic budget uses
-OUTPUT_MAPS = 6  # output-sized float maps held next to the stages (result, blending totals)
+OUTPUT_MAPS = 6  # output-sized float maps held next to the stages (result, its conversions)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -32,7 +30,7 @@ def available_memory(device: torch.device) -> int | None:
 
 def output_bytes(out_size, batch: int = 1) -> int:
     """Bytes of the output-sized float maps a run holds besides its stages' activations: the
-    result and the tiles' blending totals (`OUTPUT_MAPS` of them)."""
+    result and the copies its conversions make (`OUTPUT_MAPS` of them)."""
     return 4 * OUTPUT_MAPS * batch * int(out_size[0]) * int(out_size[1])
 
 
@@ -40,15 +38,6 @@ def estimate_peak(stage_elements, out_size, batch: int = 1) -> int:
     """Rough peak memory of an untiled run: the largest of its stages' float activations
     (`stage_elements`, counts) plus `output_bytes`."""
     return 4 * max(stage_elements) + output_bytes(out_size, batch)
-
-
-def choose_tile(peak: int, max_memory: float | None, scale: float, overlap: int) -> int:
-    """Decoder tile in LR pixels: 0 (untiled) when `peak` bytes fit `max_memory` GB (None =
-    never tile), else about 512 output pixels (at most 128 LR pixels, at least `MIN_TILE` and
-    twice the overlap)."""
-    if max_memory is None or peak <= max_memory * 2**30:
-        return 0
-    return max(MIN_TILE, 2 * overlap, min(128, round(512 / scale)))
 
 
 def memory_budget(max_memory, device: torch.device) -> float | None:

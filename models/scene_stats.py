@@ -1,14 +1,12 @@
-"""Whole-scene normalisation statistics for tiled inference (GroupNorm, IMDN channel attention).
+"""Whole-scene normalisation statistics for streamed inference (GroupNorm, IMDN channel attention).
 
-GroupNorm (condition encoder, decoder latent branch) and the contrast-aware channel attention of
-the IMD modules (decoder SR branch) normalise with statistics of their whole input. A tile alone
-would use its own statistics: neighbouring tiles would disagree and seams would show (and a
-layer's statistics cannot be gathered tile by tile, since they depend on how the earlier layers
-normalised). `SceneStatistics` records every layer's statistics in one untiled reference pass
-(`collect()`: the scene itself when it fits in memory, else a downscaled copy of it) and then
-normalises every tile with them (`apply()`), so all tiles compute the same function. Streamed
-stage by stage (`measure()`), it gathers the exact statistics of the untiled run instead: each
-layer's sums over the tiles' own pixels, with every earlier layer already normalised exactly.
+GroupNorm (condition encoder, UNet, decoder latent branch) and the contrast-aware channel
+attention of the IMD modules (decoder SR branch) normalise with statistics of their whole input.
+A band of rows alone would use its own statistics, and a layer's statistics cannot be gathered
+band by band in one pass, since they depend on how the earlier layers normalised. Streamed stage
+by stage (`models.stream`), `SceneStatistics.measure` gathers the exact statistics of the
+untiled run: each layer's float64 sums over the bands' own pixels, with every earlier layer
+already normalised with its finished statistics.
 """
 
 from __future__ import annotations
@@ -30,12 +28,12 @@ class StopStage(Exception):
 
 
 class SceneStatistics:
-    """Records the input statistics of normalisation layers and replays them.
+    """Measures the input statistics of normalisation layers over a scene, band by band, and
+    normalises with them.
 
     Args:
         modules: modules to search for normalisation layers.
-        types: the layer types to share statistics for (`nn.GroupNorm`,
-            `ContrastChannelAttention`).
+        types: the layer types measured (`nn.GroupNorm`, `ContrastChannelAttention`).
     """
 
     def __init__(self, modules: Iterable[nn.Module], types: tuple = TYPES):
@@ -44,26 +42,21 @@ class SceneStatistics:
         self.sums: dict[int, list] = {}  # id -> [count, sum [B, C], sum of squares [B, C]]
 
     @contextlib.contextmanager
-    def collect(self):
-        """Usual normalisation; records each layer's per-channel mean and variance [B, C]."""
-        self.moments = {}
-        with self._patched(collect=True):
-            yield
-
-    @contextlib.contextmanager
-    def apply(self):
-        """Normalisation with the statistics recorded by the last `collect`."""
-        with self._patched(collect=False):
-            yield
-
-    @contextlib.contextmanager
     def measure(self, box):
         """Layers with moments normalise with them; the first one reached without adds the
         per-channel count, sum and sum of squares (float64) of its input's pixels in `box`
-        ((r0, r1), (c0, c1): the tile's own pixels) to its totals and stops the forward
+        ((r0, r1), (c0, c1): the band's own pixels) to its totals and stops the forward
         (`StopStage`, which the caller catches)."""
-        with self._patched(collect=False, box=box):
+        for layer in self.layers:
+            method = self._group_norm if isinstance(layer, nn.GroupNorm) else self._attention
+            layer.forward = partial(method, layer)  # shadows the class method
+            if id(layer) not in self.moments:
+                layer.forward = partial(self._add_sums, layer, box)
+        try:
             yield
+        finally:
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
 
     def settle(self) -> bool:
         """Moments from the sums that `measure` gathered over the whole scene; False if none
@@ -82,27 +75,8 @@ class SceneStatistics:
         self.sums[id(layer)] = sums if old is None else [a + b for a, b in zip(old, sums)]
         raise StopStage
 
-    @contextlib.contextmanager
-    def _patched(self, collect: bool, box=None):
-        for layer in self.layers:
-            method = self._group_norm if isinstance(layer, nn.GroupNorm) else self._attention
-            layer.forward = partial(method, layer, collect)  # shadows the class method
-            if box is not None and id(layer) not in self.moments:
-                layer.forward = partial(self._add_sums, layer, box)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                layer.__dict__.pop("forward", None)
-
-    def _record(self, layer: nn.Module, x: torch.Tensor) -> None:
-        var, mean = torch.var_mean(x.float(), dim=(-2, -1), correction=0)  # [B, C]
-        self.moments[id(layer)] = (mean.double(), var.double())
-
     def _moments(self, layer: nn.Module, groups: int = 0):
-        """Recorded mean and variance [B, C] (per group of channels with `groups`)."""
-        if id(layer) not in self.moments:
-            raise RuntimeError("SceneStatistics.apply: run a reference pass under collect() first")
+        """Measured mean and variance [B, C] (per group of channels with `groups`)."""
         mean, var = self.moments[id(layer)]
         if groups:  # groups hold equally many pixels: average the per-channel moments
             b = mean.shape[0]
@@ -111,10 +85,7 @@ class SceneStatistics:
             var = (second - mean * mean).clamp(min=0)
         return mean, var
 
-    def _group_norm(self, layer: nn.GroupNorm, collect: bool, x: torch.Tensor) -> torch.Tensor:
-        if collect:
-            self._record(layer, x)
-            return type(layer).forward(layer, x)
+    def _group_norm(self, layer: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         mean, var = self._moments(layer, layer.num_groups)  # [B, G]
         b, g = mean.shape
         rstd = (var + layer.eps).rsqrt()
@@ -123,9 +94,6 @@ class SceneStatistics:
         scale, shift = (t.view(b, -1, 1, 1).float() for t in (scale, shift))
         return torch.addcmul(shift, x.float(), scale).to(x.dtype)
 
-    def _attention(self, layer, collect: bool, x: torch.Tensor) -> torch.Tensor:
-        if collect:
-            self._record(layer, x)
-            return type(layer).forward(layer, x)
+    def _attention(self, layer, x: torch.Tensor) -> torch.Tensor:
         mean, var = (m[..., None, None].to(x.dtype) for m in self._moments(layer))  # [B, C, 1, 1]
         return layer.reweight(x, mean, var)

@@ -83,7 +83,7 @@ PLANS = {
 def test_stage1_reconstruct_through_the_pipeline(model, conformance, plan):
     ae = model.first_stage_model
     for i, case in enumerate(conformance["cases"]):
-        rec01 = ae.reconstruct(case["lr_01"], case["hr_01"], tile_overlap=4, **PLANS[plan])
+        rec01 = ae.reconstruct(case["lr_01"], case["hr_01"], **PLANS[plan])
         _close(rec01 * 2 - 1, case["stage1_reconstruction"].clamp(-1, 1), f"case {i} {plan}")
 
 
@@ -92,9 +92,7 @@ def test_stage1_reconstruct_through_the_pipeline(model, conformance, plan):
 def test_super_resolve_with_seeded_generator(model, conformance, plan):
     for i, case in enumerate(conformance["cases"]):
         generator = torch.Generator().manual_seed(case["seed"])
-        sr01 = model.super_resolve(
-            case["lr_01"], case["out_size"], generator, tile_overlap=4, **PLANS[plan]
-        )
+        sr01 = model.super_resolve(case["lr_01"], case["out_size"], generator, **PLANS[plan])
         _close(sr01, case["sr_01"], f"case {i} sr_01 {plan}")
         _close(sr01 * 2 - 1, case["sr"].clamp(-1, 1), f"case {i} sr {plan}")
 

@@ -217,7 +217,7 @@ def test_tiled_runs_match_untiled_and_report_runtime_and_memory(
         torch.save(state, ckpt)
         extra.append("--first-stage")
     _run(ckpt, data_root, tmp_path / "u", *extra, "--tile", "0")
-    tiled = _run(ckpt, data_root, tmp_path / "t", *extra, "--tile", "16", "--tile-overlap", "4")
+    tiled = _run(ckpt, data_root, tmp_path / "t", *extra, "--tile", "16")
     folder = "reconstruction" if first_stage else "sr"
     a, b = (_png(tmp_path / run / "ONE/x4" / folder / "c.png").astype(int) for run in "ut")
     assert np.abs(a - b).max() <= 1

@@ -71,7 +71,7 @@ def test_seeded_output_and_sizes(tiny_sr_checkpoint, images, tmp_path):
     same = np.asarray(Image.open(a / "rgb.png")) == np.asarray(Image.open(b / "rgb.png"))
     assert same.all()  # same size and seed -> same pixels
     tiled = tmp_path / "tiled"
-    args = ["--size", "50x36", "--tile", "16", "--tile-overlap", "4", "--no-progress"]
+    args = ["--size", "50x36", "--tile", "16", "--no-progress"]
     assert run(src, "--checkpoint", tiny_sr_checkpoint, "-o", tiled, *args) == 0
     diff = np.abs(
         np.asarray(Image.open(tiled / "rgb.png"), dtype=int) - np.asarray(Image.open(b / "rgb.png"))
@@ -103,7 +103,7 @@ def test_never_overwrites_without_flag(tiny_sr_checkpoint, images, tmp_path):
         (["--suffix", "a/b"], "path separator"),
         (["--size", "3x5"], ">= 8"),
         (["--tile", "8"], "below the minimum"),
-        (["--tile", "20", "--tile-overlap", "12"], "below the minimum"),
+        (["--tile", "-1"], "below the minimum"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(

@@ -1,6 +1,6 @@
-"""Tiled whole-scene inference: window geometry, exact crop resampling, shared statistics, the
-public path (`LDCSR.super_resolve`, tiled or not) equal to the modules' plain forward, and
-seamless tiles on holdout images."""
+"""Tiled whole-scene inference: window geometry, exact crop resampling, networks streamed by
+bands with exact statistics, the public path (`LDCSR.super_resolve`, tiled, streamed or not)
+equal to the modules' plain forward and to the untiled run, on generated and holdout images."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from torch import nn
 
 from data.synthetic import generate_scene
 from ldm.blocks import ContrastChannelAttention, channel_moments, pointwise
-from ldm.diffusion import draw_noise
+from ldm.chain import Stage
+from ldm.gap import GAPDecoder
 from ldm.upsampler import ScaleAwareUpsampler
 from models.geometry import Geometry
-from models.memory import choose_tile, glibc_library
-from models.pipeline import Pipeline
+from models.memory import glibc_library
+from models.pipeline import RENDER_CONTEXT, Pipeline
 from models.scene_stats import SceneStatistics
-from models.stream import stream_chain
-from models.tiling import axis_weights, split_axis, tile_grid
+from models.stream import WORK, Nearest, Store, stream_chain
+from models.tiling import MIN_TILE
 from tests.conftest import ROOT, shared_path, tiny_config
 from utils.config import instantiate_from_config
 from utils.image_io import load_image, to_tensor01
@@ -73,37 +74,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------- geometry
-@pytest.mark.parametrize(
-    "length,tile,overlap,align", [(100, 32, 8, 1), (75, 16, 8, 8), (9, 4, 2, 1)]
-)
-def test_split_axis_covers_with_aligned_overlapping_windows(length, tile, overlap, align):
-    windows = split_axis(length, tile, overlap, align)
-    assert windows[0][0] == 0 and windows[-1][1] == length
-    for (a0, b0), (a1, b1) in zip(windows, windows[1:]):
-        assert a1 % align == 0 and a0 < a1 and b0 - a1 >= overlap and b1 > b0
-    assert all(tile <= b - a < tile + align for a, b in windows)
-
-
-def test_split_axis_single_window_and_errors():
-    assert split_axis(10, 0, 0) == [(0, 10)] and split_axis(10, 16, 4) == [(0, 10)]
-    with pytest.raises(ValueError, match="multiples"):
-        split_axis(100, 32, 20)
-
-
-def test_blend_weights_are_a_smooth_partition_of_unity():
-    windows = split_axis(100, 32, 12)
-    total = torch.zeros(100, dtype=torch.float64)
-    for (a, b), w in zip(windows, axis_weights(windows, 100)):
-        total[a:b] += w
-        assert (w > 0).all() and (w.diff().abs() < 0.2).all()  # no jump inside a window
-    assert torch.allclose(total, torch.ones(100, dtype=torch.float64))
-    grid = tile_grid((50, 70), (32, 32), (8, 8))
-    weight = torch.zeros(50, 70)
-    for win in grid:
-        weight[slice(*win.rows), slice(*win.cols)] += win.weight(weight)[0, 0]
-    assert torch.allclose(weight, torch.ones(50, 70))
-
-
 @pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
 @pytest.mark.parametrize("n_in,n_out", [(37, 130), (150, 600), (1200, 600), (20, 9), (75, 75)])
 def test_resize_window_equals_a_window_of_the_global_resize(mode, n_in, n_out):
@@ -120,20 +90,98 @@ def test_resize_window_equals_a_window_of_the_global_resize(mode, n_in, n_out):
         resize_window(x[..., a + 1 :, :], maps, (a + 1, 0))
 
 
-# ----------------------------------------------------------------------------- shared statistics
-def test_scene_statistics_replay_the_whole_input_statistics_on_crops():
+# ------------------------------------------------------------------------------- streaming
+def test_measured_statistics_are_the_whole_input_statistics_band_by_band():
+    """A chain with GroupNorm and the IMD channel attention streamed in bands of 3 rows (maps
+    in files): the whole map's statistics, and not those of a band."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 32, 1), nn.GroupNorm(8, 32), ContrastChannelAttention(32))
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32),
+                        ContrastChannelAttention(32), nn.Conv2d(32, 8, 3, padding=1))  # fmt: skip
     x = torch.randn(2, 3, 40, 30) * torch.linspace(0.2, 3, 40)[:, None]  # non-stationary
-    stats = SceneStatistics([net])
-    with torch.no_grad(), stats.collect():
-        full = net(x)
-    with torch.no_grad(), stats.apply():
-        crop = net(x[..., 5:25, 10:30])  # pointwise layers: the crop of the full output
-    assert (crop - full[..., 5:25, 10:30]).abs().max() < 1e-4
+    chain = [Stage(net[0], 1), Stage(net[1:3]), Stage(net[3], 1)]
     with torch.no_grad():
-        assert (net(x[..., 5:25, 10:30]) - full[..., 5:25, 10:30]).abs().max() > 1e-2
+        ref = net(x)
+        out = stream_chain(chain, [x], SceneStatistics([net]), 3 * WORK * 4 * 2 * 3 * 30, Store(0))
+        assert (out[0].whole() - ref).abs().max() < 1e-5
+        assert (net(x[..., :3, :]) - ref[..., :3, :]).abs().max() > 1e-2  # a band alone
     assert "forward" not in net[1].__dict__  # the layers are restored
+
+
+def stream(net, chain, maps, band_bytes: int, limit: int) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        stats = SceneStatistics([net])
+        return [m.whole() for m in stream_chain(chain, maps, stats, band_bytes, Store(limit))]
+
+
+@pytest.mark.parametrize("limit", [1 << 40, 0], ids=["in memory", "in files"])
+def test_each_streamed_network_equals_its_forward(model, limit):
+    """Condition encoder, UNet (skips, attention whole), decoder latent branch (h_k of every
+    level) and SR branch (FRU running fusion, channel attention) streamed in bands of a few
+    rows = their forward, within 1e-5."""
+    enc, unet = model.cond_stage_model, model.model.diffusion_model
+    ae = model.first_stage_model
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 128, 104, generator=g) * torch.linspace(0.2, 2, 104)
+    x = torch.randn(1, 8, 45, 38, generator=g)  # padded to 48 x 40 inside
+    z, lr = torch.randn(1, 4, 30, 26, generator=g), torch.rand(1, 3, 60, 52, generator=g) * 2 - 1
+    band = 40_000  # bytes: bands of 1 to a few rows
+    with torch.inference_mode():
+        t, scale, height = torch.tensor([2]), torch.tensor([4.0]), torch.tensor([360])
+        chain, padded = unet.stages(x, t, scale, height)
+        eps = stream(unet, chain, [padded], band, limit)[0][..., :45, :38]
+        assert (eps - unet(x, t, scale, height)).abs().max() < 1e-5
+        assert (stream(enc, enc.stages(), [image], band, limit)[0] - enc(image)).abs().max() < 1e-5
+        feats = ae.latent_features(z)
+        streamed = stream(ae, ae.latent_stages(), [z], band, limit)[:-1]
+        assert len(streamed) == len(feats) == 4
+        assert max((a - b).abs().max() for a, b in zip(streamed, feats)) < 1e-5
+        near = [F.interpolate(f, size=(60, 52)) for f in feats]
+        maps = [Nearest(f, (60, 52)) for f in feats[::-1]]
+        x_sr = stream(ae, ae.sr_stages(4.0), [*maps, lr], band, limit)[0]
+        assert (x_sr - ae.sr_branch(lr, near, 4.0)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "option",
+    [dict(fusion="add"), dict(refinement="none"), dict(use_sr_branch=False),
+     dict(use_latent=False)],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)  # fmt: skip
+def test_streamed_sr_branch_of_each_decoder_ablation_equals_its_forward(option):
+    torch.manual_seed(0)
+    dec = GAPDecoder(32, 3, (1, 1), 1, 4, 3, (2, 2), **option).eval()
+    z, lr = torch.randn(1, 4, 12, 10), torch.rand(1, 3, 24, 20) * 2 - 1
+    with torch.inference_mode():
+        feats = dec.latent_features(z) if dec.use_latent else None
+        near = None if feats is None else [F.interpolate(f, size=(24, 20)) for f in feats]
+        maps = [] if feats is None else [Nearest(f, (24, 20)) for f in feats[::-1]]
+        x = stream(dec, dec.sr_stages(2.0, feats is not None), [*maps, lr], 20_000, 0)[0]
+        assert (x - dec.sr_branch(lr, near, 2.0)).abs().max() < 1e-5
+
+
+def test_streamed_stages_read_bands_within_the_band_budget(model):
+    """The working set of a streamed stage is bounded: every call of a (non-global) stage
+    reads bands of at most ~3x the rows the band budget allows (halo rows), never the whole
+    map; maps beyond the in-memory limit go to files."""
+    unet = model.model.diffusion_model
+    x, band = torch.randn(1, 8, 96, 80), 600_000
+    with torch.inference_mode():
+        chain, padded = unet.stages(x, torch.tensor([1]), torch.tensor([4.0]), torch.tensor([768]))
+    reads = []
+
+    def watched(stage):
+        def fn(*maps):
+            reads.append((stage.halo, sum(m.numel() * 4 for m in maps), maps[0].shape[-2]))
+            return stage.fn(*maps)
+
+        return stage._replace(fn=fn)
+
+    out = stream(unet, [watched(st) for st in chain], [padded], band, 1 << 20)[0]
+    assert out.shape == (1, 4, 96, 80)
+    streamed = [(b, rows) for halo, b, rows in reads if halo is not None]
+    assert max(b for b, _ in streamed) <= 3 * band / WORK
+    assert max(rows for _, rows in streamed) < 96 // 2  # never the whole map (96 rows)
+    assert len(streamed) > 10 * len(chain)
 
 
 # ---------------------------------------------------------------------------------- public path
@@ -175,20 +223,18 @@ def test_public_path_equals_the_plain_forward_tiled_and_untiled(model, reference
     lr, ref = references[case]
     out_size = CASES[case][1]
     untiled = sr(model, lr, out_size, 3)
-    tiled = sr(model, lr, out_size, 3, tile=16, tile_overlap=4)  # 2 x 2 decoder tiles
+    tiled = sr(model, lr, out_size, 3, tile=16)  # 2 x 2 decoder tiles
     assert untiled.shape == ref.shape and (untiled - ref).abs().max() <= 1e-4
     assert tiled.shape == ref.shape and (tiled - ref).abs().max() <= 1e-4
 
 
 def test_untiled_is_the_plan_with_one_tile_per_stage(model):
-    """tile=0: one tile per stage, each stage called once on the whole image: the same floats as
-    the networks' public stages called in a row (no crop or resampling work added)."""
+    """tile=0: every stage whole and one render call: the same floats as the networks' public
+    stages called in a row (no crop or resampling work added)."""
     geo = Geometry.of((16, 20), (64, 80))
     pipeline = Pipeline(budget=None)
-    plan = pipeline.plan(geo, pipeline.whole_stages(model, geo, 1))
-    assert {k: len(v) for k, v in plan.items()} == dict.fromkeys(
-        ("condition", "unet", "latent", "sr", "render"), 1
-    )
+    assert pipeline.whole_stages(model, geo, 1) == {"condition", "unet", "latent", "sr"}
+    assert len(pipeline.render_tiles(model.first_stage_model, geo, 1)) == 1
     lr = torch.rand(1, 3, 16, 20)
     with torch.inference_mode(), model.ema_scope():
         lr_m = lr * 2 - 1
@@ -206,7 +252,7 @@ def test_condition_decode_tiled_and_untiled_equals_the_plain_forward(model):
         lr_m = lr * 2 - 1
         ref = (model.decode_latent(model.encode_condition(lr_m, out_size), lr_m, out_size) + 1) / 2
     untiled = model.super_resolve_condition(lr, out_size, tile=0)
-    tiled = model.super_resolve_condition(lr, out_size, tile=16, tile_overlap=4)  # 2 x 2 tiles
+    tiled = model.super_resolve_condition(lr, out_size, tile=16)  # 2 x 2 tiles
     assert untiled.shape == tiled.shape == ref.shape
     assert (untiled - ref).abs().max() <= 1e-4 and (tiled - ref).abs().max() <= 1e-4
 
@@ -305,11 +351,24 @@ def test_result_does_not_depend_on_the_inputs_memory_layout(model):
     assert torch.equal(*runs)
 
 
-def test_auto_tiling_follows_the_models_own_memory(model):
-    """The tiny model at x4 on 256x256 fits the default budget; the paper widths would not."""
-    assert model.peak_bytes((256, 256), (1024, 1024)) < 2 * 2**30
-    assert choose_tile(model.peak_bytes((256, 256), (1024, 1024)), 2.0, 4.0, 16) == 0
-    assert choose_tile(model.peak_bytes((2000, 2000), (8000, 8000)), 2.0, 4.0, 16) == 128
+def test_render_tiles_are_as_large_as_the_budget_allows(model):
+    """Automatic render tiles grow with the budget (the whole output when it fits) and hold
+    their windows' receptive field; the windows cover the output once."""
+    ae, geo = model.first_stage_model, Geometry((200, 200), (800, 800))
+    budgets = [mib << 20 for mib in (120, 240, 2000)]
+    sides = [Pipeline(None, budget=b).render_tile(ae, geo, 1) for b in budgets]
+    assert MIN_TILE <= sides[0] < sides[1] < 200 and sides[2] == 0  # 0: the whole output
+    room = (240 << 20) // 2 - 4 * 6 * 800 * 800
+    side = sides[1] + 2 * RENDER_CONTEXT
+    assert ae.render_bytes((side, side), (4 * side, 4 * side)) <= room
+    geo = Geometry((61, 47), (213, 188))  # x3.49 height, x4 width
+    tiles = Pipeline(20).render_tiles(ae, geo, 1)
+    cover = torch.zeros(213, 188)
+    for ((r0, r1), _), win in tiles:
+        cover[slice(*win.rows), slice(*win.cols)] += 1
+        a, b = (n * 61 / 213 for n in win.rows)  # the window on the LR grid
+        assert r0 <= max(0, a - RENDER_CONTEXT + 1) and r1 >= min(61, b + RENDER_CONTEXT - 1)
+    assert len(tiles) == 12 and torch.equal(cover, torch.ones(213, 188))
 
 
 def test_bf16_autocast_runs_close_to_fp32(model):
@@ -329,71 +388,37 @@ def scene_image(source: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("source", ["generated", "holdout"])
-def test_tiles_agree_with_the_untiled_run_on_a_scene(model, source):
-    """Tiles much smaller than the image, same seed: >= 45 dB to the untiled output (4x4 LR
-    tiles of 16 px on 48 px, 2x2 condition tiles); per-tile statistics do much worse."""
+def test_tiles_and_streamed_stages_give_the_untiled_result_at_any_budget(model, source):
+    """A 192 x 192 output in 3 x 3 render tiles of 16 LR px, under budgets from "every stage
+    whole" down to "every stage streamed by bands of a few rows, most maps in files" (the
+    condition encoder, the UNet at every step, the latent and SR branches): the untiled
+    result, up to float rounding."""
     hr = scene_image(source)
     lr = F.interpolate(hr, size=(48, 48), mode="bicubic", antialias=True).clamp(0, 1)
-    ref = sr(model, lr, (192, 192), 5)
-    tiles = dict(tile=16, overlap=4, context=4, condition_tile=16, latent_overlap=8)
-    lr_m, g = lr * 2 - 1, torch.Generator
-
-    def tiled(**options):
-        with model.ema_scope():
-            geo = Geometry.of(lr.shape[-2:], (192, 192))
-            out = Pipeline(**tiles, **options).super_resolve(model, lr_m, geo, g().manual_seed(5))
-        return (out + 1) / 2
-
-    assert psnr(tiled(), ref) >= 45  # measured 75 dB
-    assert psnr(tiled(stats_pixels=0), ref) < psnr(tiled(), ref) - 10  # measured 56 dB
-
-
-def test_render_tiles_within_the_budget_give_the_untiled_result_above_the_stats_threshold(model):
-    """A 192 x 192 output in 3 x 3 render tiles of 16 LR px, the statistics threshold lowered far
-    below the scene (the reference pass would be an estimate): the stages with scene-wide
-    statistics fit the budget and run whole, so tiled = untiled up to float rounding. Without
-    a budget for them (budget 0) the decoder tiles carry estimated statistics and differ."""
-    lr = F.interpolate(scene_image("generated"), size=(48, 48), mode="area")
     ref = sr(model, lr, (192, 192), 5, tile=0)
     geo = Geometry((48, 48), (192, 192))
-
-    def tiled(budget):
-        tiler = Pipeline(16, 4, condition_tile=16, stats_pixels=1024, budget=budget, **UNET_TILES)
+    stages = model.stage_bytes(geo.lr, geo.out)
+    for budget, whole in ((64 << 20, 4), (sorted(stages.values())[1] + (1 << 20), 2), (1 << 18, 0)):
+        tiler = Pipeline(16, budget=budget)
+        assert len(tiler.whole_stages(model, geo, 1)) == whole
+        assert len(tiler.render_tiles(model.first_stage_model, geo, 1)) == 9
         with model.ema_scope():
             out = tiler.super_resolve(model, lr * 2 - 1, geo, torch.Generator().manual_seed(5))
-        return (out + 1) / 2, tiler.plan(geo, tiler.whole_stages(model, geo, 1))
-
-    out, plan = tiled(budget=64 << 20)
-    assert len(plan["render"]) == 9 and "decoder" not in plan
-    assert all(len(plan[k]) == 1 for k in ("condition", "unet", "latent", "sr"))
-    assert (out - ref).abs().max() < 1e-5
-    out, plan = tiled(budget=0)
-    assert min(len(plan[k]) for k in ("decoder", "condition", "unet")) > 1
-    assert (out - ref).abs().max() > 1e-4
+        assert ((out + 1) / 2 - ref).abs().max() < 1e-5, budget
 
 
-def test_a_condition_encoder_over_the_budget_streams_with_exact_statistics(model):
-    """Over its budget the condition encoder streams by bands of rows (activations spilled to a
-    file when over the limit): the untiled statistics, exactly, where the reference pass of
-    per-tile runs would estimate them."""
-    enc = model.cond_stage_model
-    x = torch.randn(1, 3, 200, 168) * torch.linspace(0.2, 2, 168)  # [1, 3, H, W] non-stationary
-    with torch.inference_mode():
-        ref = enc(x)
-        for limit in (1 << 40, 0):  # in memory; every activation in a file
-            stats = SceneStatistics([enc], (nn.GroupNorm,))
-            out = stream_chain(enc.stages(), x, stats, 2000, limit)  # bands of ~10 rows
-            assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
-        lr, geo = torch.rand(1, 3, 48, 48) * 2 - 1, Geometry((48, 48), (192, 192))
-        tiler = Pipeline(16, 4, condition_tile=16, latent_overlap=8, budget=1 << 20)
-        plan = tiler.plan(geo, frozenset())
-        cond = tiler.condition(model, lr, geo, plan)
-        assert (cond - model.encode_condition(lr, (192, 192))).abs().max() < 1e-5
-        ae, hr = model.first_stage_model, torch.rand(1, 3, 192, 192) * 2 - 1  # stage 1: posterior
-        lr_up = F.interpolate(lr, size=(192, 192), mode="bicubic", align_corners=False)
-        crop = lambda size, rows, cols: ae.build_encoder_input(hr, lr_up)  # noqa: E731 (whole)
-        z = tiler.encode(ae, ae.encode_mode, crop, geo, plan, ae.encode_mode_stages())
-        assert (z - ae.encode(hr, lr).mode()).abs().max() < 1e-5
+def test_public_path_over_the_budget_streams_and_equals_the_untiled_run(model):
+    """`max_memory` far below the scene: streamed stages, automatic render tiles; the sr_kd
+    path and stage 1's reconstruction too."""
+    lr, out_size = torch.rand(1, 3, 40, 36), (160, 144)
+    ae, hr = model.first_stage_model, torch.rand(1, 3, 160, 144)
+    small = dict(max_memory=4 / 1024)  # 4 MiB
+    assert (
+        sr(model, lr, out_size, 1, **small) - sr(model, lr, out_size, 1, tile=0)
+    ).abs().max() < 1e-5
+    cond = model.super_resolve_condition(lr, out_size, **small)
+    assert (cond - model.super_resolve_condition(lr, out_size, tile=0)).abs().max() < 1e-5
+    assert (ae.reconstruct(lr, hr, **small) - ae.reconstruct(lr, hr, tile=0)).abs().max() < 1e-5
 
 
 def test_stages_run_whole_only_where_their_estimate_fits_the_budget(model):
@@ -405,7 +430,7 @@ def test_stages_run_whole_only_where_their_estimate_fits_the_budget(model):
     whole = Pipeline(budget=cut_off).whole_stages(model, geo, 1)
     assert whole == {k for k, v in stages.items() if v + held <= cut_off} and len(whole) == 2
     assert Pipeline(budget=None).whole_stages(model, geo, 1) == set(stages)
-    assert Pipeline().whole_stages(model, geo, 1) == set()  # budget 0: the old tiling
+    assert Pipeline(budget=0).whole_stages(model, geo, 1) == set()  # every stage streams
 
 
 def test_automatic_memory_budget_follows_the_available_memory(monkeypatch):
@@ -425,55 +450,8 @@ def test_automatic_memory_budget_follows_the_available_memory(monkeypatch):
         memory_size("-1")
 
 
-def test_plan_aligns_latent_tiles_and_maps_lr_tiles_to_the_scene_grid():
-    tiler = Pipeline(tile=20, overlap=6, condition_tile=16, latent_overlap=8)
-    geo = Geometry((61, 47), (213, 188))  # x3.49 height, x4 width
-    plan = tiler.plan(geo)
-    assert all(win.rows[0] % 8 == 0 and win.cols[0] % 8 == 0 for _, win in plan["condition"])
-    assert len(plan["condition"]) > 1 and len(plan["decoder"]) > 4
-    rows = sorted({win.rows for _, win in plan["decoder"]})
-    assert rows[0][0] == 0 and rows[-1][1] == 213
-    for ((r0, r1), _), win in plan["decoder"]:  # HR window inside the LR crop (+ context)
-        assert r0 * 213 / 61 <= win.rows[0] and win.rows[1] <= r1 * 213 / 61
-
-
-def unet_chain(model, cond, lr_height: int, out_size, seed: int, tiler=None) -> torch.Tensor:
-    """z0 of the sampling chain for `cond` with the x_T and noises of `seed`, the UNet untiled
-    or on `tiler`'s latent tiles."""
-    with torch.no_grad(), model.ema_scope():
-        x_T, noises = draw_noise(cond.shape, model.diffusion.num_timesteps,
-                                 torch.Generator().manual_seed(seed))  # fmt: skip
-        denoise = model.denoiser(out_size[0] / lr_height, out_size[0], cond.shape[0])
-        if tiler is not None:
-            plan = tiler.plan(Geometry((lr_height, lr_height), out_size))["unet"]
-            denoise = tiler.denoiser(denoise, plan)
-        return model.sample(denoise, x_T, cond, noises)
-
-
-UNET_TILES = dict(latent_tile=16, latent_overlap=8, latent_context=8)  # 5 x 5 tiles on 48 x 48
-
-
-def test_unet_tiles_follow_the_untiled_chain(model):
-    """A 48 x 48 latent in 5 x 5 UNet tiles whose crops (tile + context: at most 32 px) each
-    miss part of it: the tiled chain's z0 stays much closer to the untiled chain's than another
-    seed's does (measured 0.14 of it; per-tile GroupNorm and attention make it inexact). A tile
-    offset by one latent pixel gives 0.60, each tile seeing its own noise (std 1) 0.31."""
-    lr = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with torch.no_grad():
-        cond = model.encode_condition(lr, (384, 384))  # [1, 4, 48, 48]
-    tiler = Pipeline(**UNET_TILES)
-    plan = tiler.plan(Geometry((96, 96), (384, 384)))["unet"]
-    assert len(plan) == 25 and max(b - a for ((a, b), _), _ in plan) <= 32
-    ref = unet_chain(model, cond, 96, (384, 384), 2)
-    tiled = unet_chain(model, cond, 96, (384, 384), 2, tiler)
-    other_seed = unet_chain(model, cond, 96, (384, 384), 3)
-    assert (tiled - ref).abs().mean() < 0.2 * (other_seed - ref).abs().mean()
-
-
 def test_bad_tiles_are_rejected(model):
     with pytest.raises(ValueError, match="tile 8"):
         sr(model, torch.rand(1, 3, 16, 16), (64, 64), 0, tile=8)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        Pipeline(latent_tile=20)
     with pytest.raises(ValueError, match="too small"):
         model.super_resolve(torch.rand(1, 3, 4, 4), (6, 6))

@@ -73,7 +73,7 @@ def test_api_returns_the_seed_sample_and_a_map_that_tiling_does_not_change(sprea
     alone = model.super_resolve(lr, (48, 40), generator=torch.Generator().manual_seed(7), tile=0)
     assert torch.equal(sr, alone) and unc.shape == (1, 1, 48, 40)
     assert float(unc.mean()) > 5e-3  # the samples differ
-    _, tiled = model.super_resolve_samples(lr, (48, 40), [7, 8, 9], tile=16, tile_overlap=4)
+    _, tiled = model.super_resolve_samples(lr, (48, 40), [7, 8, 9], tile=16)
     assert torch.allclose(tiled, unc, atol=1e-5)
 
 
@@ -83,7 +83,7 @@ def test_cli_map_equals_the_std_of_separate_seeded_runs_tiled_or_not(spread_chec
     Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(src)
     args = ["--checkpoint", spread_checkpoint, "--scale", "2", "--no-progress"]
     assert run(src, "-o", tmp_path / "n", *args, "--samples", "4", "--seed", "10") == 0
-    tiled = ["--tile", "16", "--tile-overlap", "4"]
+    tiled = ["--tile", "16"]
     assert run(src, "-o", tmp_path / "t", *args, *tiled, "--samples", "4", "--seed", "10") == 0
     for seed in range(10, 14):
         assert run(src, "-o", tmp_path / f"s{seed}", *args, "--seed", str(seed)) == 0
