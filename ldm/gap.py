@@ -145,9 +145,10 @@ class GAPDecoder(nn.Module):
 
     Two branches. The embedding branch runs the latent through `conv_in`, `mid` and the `up`
     levels (processed from the last to the first); after each level a 1x1 `transfer` and a nearest
-    resize to the LR size give h_k, and `condition_scale1/2` map the scale s = H_out / h_lr to a_k,
-    b_k. The SR branch runs LR features through k = 0..L-1 of `ScaleModulation(x, a_k, b_k, h_k)`
-    then FRU k. The output is `upsampler(x, out_size) + bicubic_up(lr, out_size)`.
+    (`latent_resize`) resize to the LR size give h_k, and `condition_scale1/2` map the scale
+    s = H_out / h_lr to a_k, b_k. The SR branch runs LR features through k = 0..L-1 of
+    `ScaleModulation(x, a_k, b_k, h_k)` then FRU k. The output is
+    `upsampler(x, out_size) + bicubic_up(lr, out_size)`.
 
     Args:
         ch: feature width of both branches.
@@ -183,6 +184,10 @@ class GAPDecoder(nn.Module):
             features (`head`'s output) are zeroed, so that the decoder must rebuild the detail
             from the latent (plus the bicubic skip); 0 (the authors'): never. Meant against the
             SR branch's shortcut around the latent (docs/results.md has what it did).
+        latent_resize: `F.interpolate` mode of the resize of h_k to the LR size. "nearest" (the
+            authors'): LR pixel i reads latent pixel floor(i * m / l), which misplaces the
+            latent by up to one latent pixel depending on m / l; "nearest-exact" (our option):
+            the centre-aligned floor((i + 0.5) * m / l).
     """
 
     def __init__(
@@ -203,6 +208,7 @@ class GAPDecoder(nn.Module):
         modulation_init: str = "default",
         use_sr_branch: bool = True,
         lr_feature_dropout: float = 0.0,
+        latent_resize: str = "nearest",
     ):
         super().__init__()
         if attn_resolutions:
@@ -215,12 +221,13 @@ class GAPDecoder(nn.Module):
         _check_choice("fusion", fusion, ("modulation", "add"))
         _check_choice("refinement", refinement, ("fru", "none"))
         _check_choice("modulation_init", modulation_init, ("default", "identity"))
+        _check_choice("latent_resize", latent_resize, ("nearest", "nearest-exact"))
         if not (use_latent or use_sr_branch):
             raise ValueError("GAPDecoder: use_latent and use_sr_branch cannot both be false")
         if not use_sr_branch:
             fusion = "none"  # nothing to fuse: no scale-conditioning parameters either
         self.fusion, self.use_latent, self.use_sr_branch = fusion, use_latent, use_sr_branch
-        self.lr_feature_dropout = lr_feature_dropout
+        self.lr_feature_dropout, self.latent_resize = lr_feature_dropout, latent_resize
         self.ch, self.num_levels = ch, len(ch_mult)
         # Names (`style`, `head`, `FRUList`, `up[i].transfer`, `condition_scale1/2`) are the
         # authors', for checkpoint compatibility.
@@ -367,7 +374,8 @@ class GAPDecoder(nn.Module):
         if self.use_latent:
             lr_size = tuple(lr.shape[-2:])
             feats = [
-                F.interpolate(h, size=lr_size, mode="nearest") for h in self.latent_features(z)
+                F.interpolate(h, size=lr_size, mode=self.latent_resize)
+                for h in self.latent_features(z)
             ]
         lr_height = lr.shape[-2] if window is None else window.lr_size[0]
         x = self.sr_branch(lr, feats, out_size[0] / lr_height)  # scale s = H_out / h_lr

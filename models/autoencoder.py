@@ -211,6 +211,12 @@ class AutoencoderKL(pl.LightningModule):
         (`post_quant_conv`, then `GAPDecoder.latent_features`)."""
         return self.decoder.latent_features(self.post_quant_conv(z))
 
+    @property
+    def latent_resize(self) -> str:
+        """`F.interpolate` mode of the decoder's resize of h_k to the LR size
+        (`GAPDecoder.latent_resize`)."""
+        return self.decoder.latent_resize
+
     def latent_stages(self) -> list[Stage]:
         """`latent_features` as a chain of stages (`ldm.chain`): the 1x1 `post_quant_conv`, then
         `GAPDecoder.latent_stages` (z -> [h_0, .., h_k, h]; the last map is not a feature)."""

@@ -247,12 +247,14 @@ class Pipeline:
         self.done()
         if "sr" in whole:
             near = None
-            if feats is not None:  # h_k resized (nearest) to the LR size
-                near = [Nearest(f, geo.lr).read(0, geo.lr[0]) for f in feats]
+            if feats is not None:  # h_k resized (nearest, `latent_resize`) to the LR size
+                mode = autoencoder.latent_resize
+                near = [Nearest(f, geo.lr, mode).read(0, geo.lr[0]) for f in feats]
             x = autoencoder.sr_branch(lr, near, geo.scale)  # [B, ch, h, w], channels last
         else:  # h_k held in the store (counted against its limit) and read band by band
             feats = None if feats is None else [self.keep(f) for f in feats]
-            maps = [] if feats is None else [Nearest(f, geo.lr) for f in feats[::-1]]
+            mode = autoencoder.latent_resize
+            maps = [] if feats is None else [Nearest(f, geo.lr, mode) for f in feats[::-1]]
             chain = autoencoder.sr_stages(geo.scale, feats is not None)
             x = self.stream(autoencoder, chain, [*maps, lr])[0]
             for f in feats or []:

@@ -89,14 +89,15 @@ class Rows:
 
 
 class Nearest:
-    """A map [B, C, h, w] read as its nearest resize to `size` (`F.interpolate`'s taps), by
-    bands of rows: the decoder's h_k on the LR grid, never stored at that size."""
+    """A map [B, C, h, w] read as its nearest resize to `size` (`F.interpolate`'s taps, `mode`
+    "nearest" or "nearest-exact"), by bands of rows: the decoder's h_k on the LR grid, never
+    stored at that size."""
 
-    def __init__(self, source, size):
+    def __init__(self, source, size, mode: str = "nearest"):
         source = as_map(source)
         self.source, self.counted = source, False
         self.shape = (*source.shape[:2], *size)
-        self.rows, self.cols = (axis_map(n, m, "nearest").index[0] for n, m in
+        self.rows, self.cols = (axis_map(n, m, mode).index[0] for n, m in
                                 zip(source.shape[2:], size))  # fmt: skip
 
     def read(self, r0: int, r1: int) -> torch.Tensor:

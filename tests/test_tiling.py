@@ -455,3 +455,73 @@ def test_bad_tiles_are_rejected(model):
         sr(model, torch.rand(1, 3, 16, 16), (64, 64), 0, tile=8)
     with pytest.raises(ValueError, match="too small"):
         model.super_resolve(torch.rand(1, 3, 4, 4), (6, 6))
+
+
+# ------------------------------------------------------------------------ latent_resize option
+@pytest.mark.parametrize("n_in,n_out", [(11, 12), (15, 40), (37, 130), (20, 9)])
+def test_axis_map_nearest_exact_equals_a_window_of_the_global_resize(n_in, n_out):
+    x = torch.randn(1, 2, n_in, n_in + 3)
+    full = F.interpolate(x, size=(n_out, n_out + 5), mode="nearest-exact")
+    rows, cols = (n_out // 3, n_out - 1), (1, n_out // 2)
+    maps = (
+        axis_map(n_in, n_out, "nearest-exact", *rows),
+        axis_map(n_in + 3, n_out + 5, "nearest-exact", *cols),
+    )
+    (a, b), (c, d) = maps[0].span, maps[1].span
+    out = resize_window(x[..., a:b, c:d], maps, (a, c))
+    assert torch.equal(out, full[..., slice(*rows), slice(*cols)])
+
+
+def test_latent_resize_nearest_exact_reads_the_latent_pixel_under_each_lr_centre_at_11_12():
+    """m / l = 11 / 12: the centre-aligned rule reads the latent pixel that holds LR pixel i's
+    centre (i for the first half, i - 1 for the second: symmetric about the middle); the
+    authors' legacy rule reads the one under its top-left corner, i - 1 for every i >= 1 (the
+    latent shifted by up to a latent pixel towards the end). The decoder's resized h_k follow
+    the rule it is built with."""
+    exact = axis_map(11, 12, "nearest-exact").index[0]
+    legacy = axis_map(11, 12, "nearest").index[0]
+    centres = ((torch.arange(12) + 0.5) * 11 / 12).floor().long()
+    assert exact.tolist() == centres.tolist() == [*range(6), *range(5, 11)]
+    assert legacy.tolist() == [0, *range(11)]
+    z, lr = torch.randn(1, 4, 11, 11), torch.rand(1, 3, 12, 12) * 2 - 1
+    for mode, index in (("nearest", legacy), ("nearest-exact", exact)):
+        torch.manual_seed(0)
+        dec = GAPDecoder(32, 3, (1, 1), 1, 4, 3, (2, 2), latent_resize=mode).eval()
+        assert dec.latent_resize == mode
+        seen = []
+        dec.sr_branch = lambda lr, feats, scale, seen=seen: (
+            seen.append(feats) or lr.new_zeros(lr.shape[0], 32, *lr.shape[-2:])
+        )
+        with torch.no_grad():
+            dec(z, lr, (24, 24))
+            for h, near in zip(dec.latent_features(z), seen[0]):
+                assert torch.equal(near, h[..., index, :][..., index])
+
+
+def test_latent_resize_refuses_unknown_modes():
+    with pytest.raises(ValueError, match="'nearest', 'nearest-exact'"):
+        GAPDecoder(32, 3, (1, 1), 1, 4, 3, (2, 2), latent_resize="bilinear")
+
+
+def test_latent_resize_nearest_exact_streams_and_tiles_as_the_untiled_run():
+    """With `latent_resize: nearest-exact` (at LR / latent = 40 / 15, where it differs from the
+    legacy rule) stage 1's `reconstruct` and stage 2's `super_resolve`, tiled or streamed under
+    a tiny `max_memory`, give the untiled result, and that the modules' plain forward (the
+    decoder's own resize)."""
+    key = "model.params.first_stage_config.params.decoder_config.params.latent_resize"
+    torch.manual_seed(0)
+    model = lively(instantiate_from_config(tiny_config(2, f"{key}=nearest-exact").model))
+    ae = model.first_stage_model
+    assert ae.latent_resize == "nearest-exact"
+    lr, out_size, hr = torch.rand(1, 3, 40, 36), (120, 108), torch.rand(1, 3, 120, 108)
+    small = dict(max_memory=4 / 1024)  # 4 MiB
+    untiled = sr(model, lr, out_size, 1, tile=0)
+    assert (untiled - plain_forward(model, lr, out_size, 1)).abs().max() <= 1e-4  # the decoder's
+    for tiling in (small, dict(tile=16)):
+        assert (sr(model, lr, out_size, 1, **tiling) - untiled).abs().max() < 1e-5
+    rec = ae.reconstruct(lr, hr, tile=0)
+    for tiling in (small, dict(tile=16)):
+        assert (ae.reconstruct(lr, hr, **tiling) - rec).abs().max() < 1e-5
+    with torch.no_grad():  # the option is in effect: the legacy rule gives another output
+        ae.decoder.latent_resize = "nearest"
+        assert (ae.reconstruct(lr, hr, tile=0) - rec).abs().max() > 1e-4

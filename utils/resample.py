@@ -28,17 +28,18 @@ def axis_map(in_size: int, out_size: int, mode: str, start: int = 0, stop: int |
 
     Follows PyTorch's kernels: `src = (in/out) * (i + 0.5) - 0.5` (clamped at 0 except for
     bicubic); bilinear reads floor(src) and the next sample; bicubic reads 4 samples with the
-    A = -0.75 cubic convolution, clamping indices at the border; nearest reads floor(i * in/out)
-    (taken from `F.interpolate` itself so that its float rounding is identical).
+    A = -0.75 cubic convolution, clamping indices at the border; nearest reads floor(i * in/out),
+    nearest-exact floor((i + 0.5) * in/out) (both taken from `F.interpolate` itself so that its
+    float rounding is identical).
 
     Returns:
         An `AxisMap` with K = 1, 2 or 4 taps per output.
     """
     stop = out_size if stop is None else stop
     i = torch.arange(start, stop, dtype=torch.float64)
-    if mode == "nearest":
+    if mode in ("nearest", "nearest-exact"):
         src = torch.arange(in_size, dtype=torch.float32)[None, None, :, None]
-        idx = F.interpolate(src, size=(out_size, 1), mode="nearest")[0, 0, start:stop, 0]
+        idx = F.interpolate(src, size=(out_size, 1), mode=mode)[0, 0, start:stop, 0]
         return AxisMap(idx.long()[None], torch.ones(1, stop - start, dtype=torch.float64))
     # PyTorch's CPU kernels: float32 scale, src = fma(scale, i + 0.5, -0.5) rounded to float32.
     scale = torch.tensor(in_size / out_size, dtype=torch.float32).double()
@@ -64,7 +65,8 @@ def axis_map(in_size: int, out_size: int, mode: str, start: int = 0, stop: int |
         )
         index = torch.stack([i0 - 1 + k for k in range(4)]).clamp(0, in_size - 1)
         return AxisMap(index.long(), weight)
-    raise ValueError(f"unsupported resize mode {mode!r} (nearest, bilinear, bicubic)")
+    modes = "nearest, nearest-exact, bilinear, bicubic"
+    raise ValueError(f"unsupported resize mode {mode!r} ({modes})")
 
 
 def resize_window(
@@ -131,7 +133,7 @@ def resize_crop(x, out_size, rows, cols, mode, offset=(0, 0), in_size=None) -> t
     if all(factors) and inside:  # integer factors: resize what the window reads, then cut
         x = cut(x, [(a - o, b - o) for (a, b), o in zip(spans, offset)])
         (k0, k1), (o0, o1) = factors, (spans[0][0], spans[1][0])
-        corners = None if mode == "nearest" else False
+        corners = None if mode in ("nearest", "nearest-exact") else False
         up = F.interpolate(x, size=(k0 * x.shape[-2], k1 * x.shape[-1]), mode=mode,
                            align_corners=corners)  # fmt: skip
         (a, b), (c, d) = rows, cols
