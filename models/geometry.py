@@ -66,10 +66,6 @@ class Geometry:
         return self.window.lr_size, self.window.out_size
 
     @property
-    def scene_lr(self) -> tuple[int, int]:
-        return self.scene[0]
-
-    @property
     def scene_out(self) -> tuple[int, int]:
         return self.scene[1]
 
