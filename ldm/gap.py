@@ -59,7 +59,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 class GAPEncoder(nn.Module):
-    """latent-diffusion's Encoder without attention: [B, in, H, W] -> [B, (2)z, ~H/8, ~W/8].
+    """latent-diffusion's Encoder without attention: [B, in, H, W] -> [B, (2)z, ~H/f, ~W/f],
+    f = 2**(len(ch_mult) - 1) (`downsampling()`; 8 in the paper).
 
     Args:
         in_channels: 6 for stage 1 (LR-up and HR), 3 for the stage-2 condition encoder.
@@ -110,7 +111,7 @@ class GAPEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, in, H, W] -> [B, (2)z, ~H/8, ~W/8]."""
+        """x: [B, in, H, W] -> [B, (2)z, ~H/f, ~W/f]."""
         # Kept in NCHW: channels-last convolutions round differently, and the sampling chain
         # amplifies the condition's rounding ~25x (conformance tolerance 1e-4).
         return run_chain(self.stages(), x)[0]
@@ -130,9 +131,13 @@ class GAPEncoder(nn.Module):
         """norm_out -> swish -> conv_out."""
         return self.conv_out(swish(self.norm_out(h), inplace=lean()))
 
+    def downsampling(self) -> int:
+        """Input side / output side: 2**(levels - 1) (8 in the paper configs)."""
+        return 2 ** (len(self.down) - 1)
+
     def min_input_side(self) -> int:
-        """Smallest input side: 2**levels px, a 2-px output."""
-        return 2 ** len(self.down)
+        """Smallest input side: that of a 2-px output."""
+        return 2 * self.downsampling()
 
     def peak_elements(self, size: Sequence[int], batch: int = 1) -> int:
         """Rough count of the float activations alive at once on an input of `size`: about four

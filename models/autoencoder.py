@@ -23,7 +23,7 @@ from ldm.chain import Stage
 from ldm.distributions import DiagonalGaussianDistribution
 from models.geometry import Geometry, check_output_size
 from models.guard import NonFiniteLossGuard
-from models.memory import estimate_peak
+from models.memory import peak_bytes
 from models.pipeline import run
 from utils.checkpoint import load_weights
 from utils.config import instantiate_from_config, to_plain
@@ -123,44 +123,19 @@ class AutoencoderKL(pl.LightningModule):
         self.learning_rate = 4.5e-6 * 4  # the paper's rate at batch 4, one device
         self.batches_seen = 0  # drives disc_start; saved in the checkpoint
         self.guard = NonFiniteLossGuard(max_skipped_batches)
-        self._check_options()
-        self.register_load_state_dict_pre_hook(self._drop_authors_unused)
+        check_options(self)
+        self.register_load_state_dict_pre_hook(drop_authors_unused)
         if ckpt_path:
             ignore = tuple(ignore_keys) + (() if self.loss is not None else ("loss.",))
             load_weights(self, ckpt_path, ignore_prefixes=ignore)
 
-    def _check_options(self) -> None:
-        """Choices of `encoder_input` and `disc_start_counts`; the encoder's in_channels must fit
-        `encoder_input` (the authors' "no SR branch" config keeps the paper's 6 and crashes in
-        `encode`)."""
-        for name, choices in (
-            ("encoder_input", ("hr_lr", "hr")),
-            ("disc_start_counts", ("batches", "optimizer_steps")),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        expected = 3 if self.encoder_input == "hr" else 6
-        got = self.encoder.conv_in.in_channels if self.use_latent else expected
-        if got != expected:
-            raise ValueError(
-                f"encoder_input {self.encoder_input!r} feeds the encoder {expected} channels: "
-                f"set encoder_config.params.in_channels: {expected} (got {got})"
-            )
-
     def authors_unused_keys(self) -> list[str]:
         """State-dict keys that the authors' module of this ablation holds but never reads (not
-        built here; dropped by name when a checkpoint is loaded): the decoder's and, for the
-        SR-only baseline, `encoder.conv_out`, `quant_conv`, `post_quant_conv`."""
+        built here; dropped by name on loading, `drop_authors_unused`): the decoder's and, for
+        the SR-only baseline, `encoder.conv_out`, `quant_conv`, `post_quant_conv`."""
         convs = () if self.use_latent else ("encoder.conv_out", "quant_conv", "post_quant_conv")
         keys = [f"decoder.{k}" for k in self.decoder.authors_unused_keys()]
         return keys + [f"{conv}.{p}" for conv in convs for p in ("weight", "bias")]
-
-    def _drop_authors_unused(self, module, state_dict: dict, prefix: str, *args) -> None:
-        """`load_state_dict` pre-hook: removes `authors_unused_keys` (by name) from `state_dict`."""
-        keys = [prefix + k for k in self.authors_unused_keys()]
-        dropped = [k for k in keys if state_dict.pop(k, None) is not None]
-        if dropped:
-            log.info("dropped keys the authors' module never reads: %s", dropped)
 
     # ----------------------------------------------------------------------------- inference API
     @torch.no_grad()
@@ -175,10 +150,11 @@ class AutoencoderKL(pl.LightningModule):
         lr, hr = lr.contiguous() * 2 - 1, hr.contiguous() * 2 - 1  # NCHW: see LDCSR.super_resolve
         geo = Geometry.of(lr.shape[-2:], hr.shape[-2:])
         stages = lambda p: p.reconstruct(self, lr, hr, geo).add_(1).div_(2)  # noqa: E731
-        return run(stages, self.peak_bytes(geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
+        return run(stages, peak_bytes(self, geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
 
     def encode(self, hr: torch.Tensor, lr: torch.Tensor) -> DiagonalGaussianDistribution:
-        """hr: [B, 3, H, W], lr: [B, 3, h, w] in [-1, 1] -> posterior over [B, embed, H/8, W/8]."""
+        """hr: [B, 3, H, W], lr: [B, 3, h, w] in [-1, 1] -> posterior over [B, embed, H/f, W/f]
+        (f: the encoder's `downsampling()`, 8 in the paper)."""
         lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
         return self.posterior(self.build_encoder_input(hr, lr_up))
 
@@ -193,11 +169,11 @@ class AutoencoderKL(pl.LightningModule):
         return hr if self.encoder_input == "hr" else torch.cat([lr_up, hr], dim=1)  # LR first
 
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Encoder input [B, C, H, W] -> posterior over [B, embed, H/8, W/8]."""
+        """Encoder input [B, C, H, W] -> posterior over [B, embed, H/f, W/f]."""
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def encode_mode(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder input [B, C, H, W] -> the posterior's mode [B, embed, H/8, W/8]."""
+        """Encoder input [B, C, H, W] -> the posterior's mode [B, embed, H/f, W/f]."""
         return self.posterior(x).mode()
 
     def encode_mode_stages(self) -> list[Stage]:
@@ -243,32 +219,6 @@ class AutoencoderKL(pl.LightningModule):
         """Smallest output side: that of a 2-px latent (`GAPEncoder.min_input_side`); 1 for the
         SR-only baseline."""
         return self.encoder.min_input_side() if self.use_latent else 1
-
-    def decode_elements(self, lr_size, out_size, batch: int = 1) -> int:
-        """Rough count of the decoder's float activations alive at once (inference)."""
-        return self.decoder.peak_elements(lr_size, out_size, batch)
-
-    def peak_bytes(self, lr_size, out_size, batch: int = 1) -> int:
-        """Rough peak activation memory of an untiled `reconstruct` (from this model's widths)."""
-        encoder = self.encoder.peak_elements(out_size, batch) if self.use_latent else 0
-        return estimate_peak(
-            (self.decode_elements(lr_size, out_size, batch), encoder), out_size, batch
-        )
-
-    def render_bytes(self, lr_size, out_size, batch: int = 1) -> int:
-        """Rough activation memory of `render` on SR features of `lr_size` to `out_size`."""
-        return 4 * self.decoder.upsampler.peak_elements(lr_size, out_size, batch)
-
-    def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
-        """Rough activation memory of the whole-scene stages with scene-wide statistics, as
-        `LDCSR.stage_bytes`: "condition" (here the encoder), "latent", "sr"."""
-        latent = (int(out_size[0]) // 8, int(out_size[1]) // 8)
-        elements = {
-            "condition": self.encoder.peak_elements(out_size, batch) if self.use_latent else 0,
-            "latent": self.decoder.latent_elements(latent, batch),
-            "sr": self.decoder.sr_branch_elements(lr_size, batch),
-        }
-        return {k: 4 * v for k, v in elements.items()}
 
     def forward(self, hr: torch.Tensor, lr: torch.Tensor, sample_posterior: bool = True):
         if not self.use_latent:  # SR-only baseline: a zero-KL stand-in posterior
@@ -382,6 +332,35 @@ class AutoencoderKL(pl.LightningModule):
         self.batches_seen = int(checkpoint.get("batches_seen", 0))
         if "nonfinite_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["nonfinite_guard"])
+
+
+def check_options(autoencoder: AutoencoderKL) -> None:
+    """Raises ValueError unless `autoencoder`'s `encoder_input` and `disc_start_counts` are among
+    their choices and its encoder's in_channels fit `encoder_input` (the authors' "no SR branch"
+    config keeps the paper's 6 and crashes in `encode`)."""
+    for name, choices in (
+        ("encoder_input", ("hr_lr", "hr")),
+        ("disc_start_counts", ("batches", "optimizer_steps")),
+    ):
+        value = getattr(autoencoder, name)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    expected = 3 if autoencoder.encoder_input == "hr" else 6
+    got = autoencoder.encoder.conv_in.in_channels if autoencoder.use_latent else expected
+    if got != expected:
+        raise ValueError(
+            f"encoder_input {autoencoder.encoder_input!r} feeds the encoder {expected} channels: "
+            f"set encoder_config.params.in_channels: {expected} (got {got})"
+        )
+
+
+def drop_authors_unused(module: AutoencoderKL, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook of `AutoencoderKL`: removes `module.authors_unused_keys()`
+    (by name, under `prefix`) from `state_dict`."""
+    keys = [prefix + k for k in module.authors_unused_keys()]
+    dropped = [k for k in keys if state_dict.pop(k, None) is not None]
+    if dropped:
+        log.info("dropped keys the authors' module never reads: %s", dropped)
 
 
 @rank_zero_only

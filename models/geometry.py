@@ -55,10 +55,6 @@ class Geometry:
         return cls(lr, share, OutputWindow(*(tuple(int(v) for v in f) for f in fields)))
 
     @property
-    def latent(self) -> tuple[int, int]:
-        return self.out[0] // 8, self.out[1] // 8
-
-    @property
     def scene(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(LR size, output size) of the whole scene."""
         if self.window is None:

@@ -1,6 +1,6 @@
-"""Memory of a whole-scene run: the estimate of the untiled run, the automatic budget from the
-memory available, and glibc heap tuning (keep freed blocks for reuse in untiled runs,
-return them to the OS between tiles)."""
+"""Memory of a whole-scene run: the estimates of the untiled run, of its whole stages and of the
+render (from the networks' widths), the automatic budget from the memory available, and glibc
+heap tuning (keep freed blocks for reuse in untiled runs, return them to the OS between tiles)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,86 @@ def estimate_peak(stage_elements, out_size, batch: int = 1) -> int:
     """Rough peak memory of an untiled run: the largest of its stages' float activations
     (`stage_elements`, counts) plus `output_bytes`."""
     return 4 * max(stage_elements) + output_bytes(out_size, batch)
+
+
+def networks(model) -> tuple:
+    """(the encoder of the run's input, the autoencoder) of `model`: for an `LDCSR` its
+    condition encoder and its first stage; for an `AutoencoderKL` (stage 1's `reconstruct`)
+    its own encoder (None for the SR-only baseline) and itself."""
+    if hasattr(model, "first_stage_model"):  # LDCSR
+        return model.cond_stage_model, model.first_stage_model
+    return (model.encoder if model.use_latent else None), model
+
+
+def peak_bytes(model, lr_size, out_size, batch: int = 1) -> int:
+    """Rough peak activation memory of an untiled run (`LDCSR.super_resolve` and
+    `super_resolve_condition`, `AutoencoderKL.reconstruct`) from the model's widths: the larger
+    of the encoder's (`networks`) and the decoder's float activations, plus `output_bytes`.
+
+    Args:
+        model: an `LDCSR` or an `AutoencoderKL`.
+        lr_size: (h, w) of the LR input [B, 3, h, w].
+        out_size: (H, W) of the output [B, 3, H, W].
+        batch: B.
+
+    Returns:
+        Bytes.
+    """
+    encoder, autoencoder = networks(model)
+    encoded = 0 if encoder is None else encoder.peak_elements(out_size, batch)
+    decoded = autoencoder.decoder.peak_elements(lr_size, out_size, batch)
+    return estimate_peak((encoded, decoded), out_size, batch)
+
+
+def stage_bytes(model, lr_size, out_size, batch: int = 1) -> dict[str, int]:
+    """Rough activation memory of each whole-scene stage whose normalisation statistics span
+    the scene (the pipeline runs those that fit its budget whole).
+
+    Args:
+        model: an `LDCSR` or an `AutoencoderKL`.
+        lr_size: (h, w) of the LR input [B, 3, h, w].
+        out_size: (H, W) of the output [B, 3, H, W].
+        batch: B.
+
+    Returns:
+        Bytes per stage: "condition" (the encoder of `networks`: the condition encoder, or stage
+        1's encoder; 0 without latent), "latent" (the decoder's latent branch, on stage 1's
+        latent [B, embed, H/f, W/f]), "sr" (the decoder's SR branch) and, for an `LDCSR`, "unet"
+        (on the condition's latent).
+    """
+    encoder, autoencoder = networks(model)
+    # Stage 1's downsampling; without latent any value: "latent" is 0 then.
+    f = autoencoder.encoder.downsampling() if autoencoder.use_latent else 8
+    elements = {
+        "condition": 0 if encoder is None else encoder.peak_elements(out_size, batch),
+        "latent": autoencoder.decoder.latent_elements(latent_size(out_size, f), batch),
+        "sr": autoencoder.decoder.sr_branch_elements(lr_size, batch),
+    }
+    if model is not autoencoder:  # LDCSR
+        latent = latent_size(out_size, encoder.downsampling())
+        elements["unet"] = model.model.diffusion_model.peak_elements(latent, batch)
+    return {k: 4 * v for k, v in elements.items()}
+
+
+def latent_size(out_size, f: int) -> tuple[int, int]:
+    """(H // f, W // f): the latent of an output (H, W) through an encoder downsampling by f."""
+    return int(out_size[0]) // f, int(out_size[1]) // f
+
+
+def render_bytes(autoencoder, lr_size, out_size, batch: int = 1) -> int:
+    """Rough activation memory of `AutoencoderKL.render` (the decoder's upsampler) on SR features
+    [B, ch, *lr_size] to [B, 3, *out_size].
+
+    Args:
+        autoencoder: an `AutoencoderKL`.
+        lr_size: (h, w) of the SR features (a render tile with its context).
+        out_size: (H, W) of the rendered output.
+        batch: B.
+
+    Returns:
+        Bytes.
+    """
+    return 4 * autoencoder.decoder.upsampler.peak_elements(lr_size, out_size, batch)
 
 
 def memory_budget(max_memory, device: torch.device) -> float | None:

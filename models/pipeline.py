@@ -7,7 +7,7 @@ and the output rendered in one call. `LDCSR.super_resolve`, `super_resolve_condi
 (`LDCSR`: `encode_upsampled`, `condition_stages`, `draw_noise`, `denoiser`, `denoiser_stages`,
 `sample`, `unscale`; its `first_stage_model`, an `AutoencoderKL`: `build_encoder_input`,
 `encode_mode`, `encode_mode_stages`, `latent_features`, `latent_stages`, `sr_branch`,
-`sr_stages`, `render`, `render_bytes`).
+`sr_stages`, `render`), and sizes its plan with the estimates of `models.memory`.
 
 The stages with scene-wide statistics (GroupNorm, IMD channel attention: the condition encoder
 or stage 1's encoder, the UNet at every sampling step, the decoder's latent branch and its SR
@@ -26,7 +26,14 @@ import torch
 from tqdm import tqdm
 
 from models.geometry import Geometry
-from models.memory import memory_budget, output_bytes, release_memory, retained_heap
+from models.memory import (
+    memory_budget,
+    output_bytes,
+    release_memory,
+    render_bytes,
+    retained_heap,
+    stage_bytes,
+)
 from models.scene_stats import SceneStatistics
 from models.stream import Nearest, Rows, Store, stream_chain
 from models.tiling import MIN_TILE, check_tile, decoder_tiles, place
@@ -69,7 +76,8 @@ def run(
 
     Args:
         stages: `stages(pipeline) -> tensor`, e.g. `lambda p: p.super_resolve(model, lr, geo)`.
-        peak_bytes: the model's estimate of the untiled run's activation memory.
+        peak_bytes: the estimate of the untiled run's activation memory
+            (`models.memory.peak_bytes`).
         geo: the scene's geometry.
         like: a tensor on the device and of the dtype of the computation.
         max_memory: memory budget in GB (None: unbounded, never tile automatically; "auto":
@@ -107,7 +115,7 @@ class Pipeline:
             None = as large as `budget` allows (`render_tile`).
         progress: show a progress bar over stages and tiles.
         budget: bytes of activations a stage may use: a stage of `STAGES` runs whole when its
-            estimate (the model's `stage_bytes`) fits next to the output, else it streams by
+            estimate (`models.memory.stage_bytes`) fits next to the output, else it streams by
             bands (`models.stream`) with spills to files over a quarter of it. None: every
             stage whole.
     """
@@ -129,7 +137,7 @@ class Pipeline:
         ae, batch = model.first_stage_model, lr.shape[0]
         whole, tiles = self.whole_stages(model, geo, batch), self.render_tiles(ae, geo, batch)
         with torch.inference_mode(), self.progress_bar(3 + model.timesteps + len(tiles)):
-            cond = self.condition(model, lr, geo, whole)  # [B, C, *geo.latent]
+            cond = self.condition(model, lr, geo, whole)  # [B, C, out / downsampling]
             x_T, noises = model.draw_noise(cond.shape, generator)
             z0 = model.sample(self.denoiser(model, geo, batch, whole), x_T, cond, noises)
             return self.decode(ae, model.unscale(z0), lr, geo, whole, tiles).clamp_(-1, 1)
@@ -163,12 +171,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ plan
     def whole_stages(self, model, geo: Geometry, batch: int) -> frozenset[str]:
-        """The `STAGES` whose whole-scene run (the model's `stage_bytes`) fits `budget` next to
-        the output maps (`output_bytes`); all of them when unbounded."""
+        """The `STAGES` whose whole-scene run (`models.memory.stage_bytes`) fits `budget` next
+        to the output maps (`output_bytes`); all of them when unbounded."""
         if self.budget is None:
             return frozenset(STAGES)
         held = output_bytes(geo.target, batch)
-        stages = model.stage_bytes(geo.lr, geo.out, batch)
+        stages = stage_bytes(model, geo.lr, geo.out, batch)
         return frozenset(k for k, v in stages.items() if v + held <= self.budget)
 
     def render_tiles(self, autoencoder, geo: Geometry, batch: int) -> list:
@@ -188,7 +196,7 @@ class Pipeline:
         room = self.budget // 2 - output_bytes(geo.target, batch)
         # The estimate is affine in the pixels (fixed chunk buffers): its slope from two sides.
         sides = [geo.scale * n for n in (64, 128)]
-        small, large = (autoencoder.render_bytes((n, n), (s, s), batch) for n, s in
+        small, large = (render_bytes(autoencoder, (n, n), (s, s), batch) for n, s in
                         zip((64, 128), sides))  # fmt: skip
         per_pixel = (large - small) / (128**2 - 64**2)
         fixed = small - per_pixel * 64**2

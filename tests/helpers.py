@@ -115,3 +115,27 @@ def write_rgb(path: Path, h: int, w: int, seed: int = 0) -> Path:
     arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     Image.fromarray(arr).save(path)
     return path
+
+
+def lively(model, seed: int = 0):
+    """Random weights under which every part of LDCSR matters: He-scaled convolutions (the
+    zero-initialised UNet outputs included) with damped residual branches, so activations stay
+    O(1), eps ~ N(0, 1) and the upsampler adds ~0.2 of structure to the bicubic image. With
+    PyTorch's default init the upsampler's output is nearly constant and a random UNet outputs
+    zeros, which would hide any tiling error."""
+    g = torch.Generator().manual_seed(seed)
+    damped = ("c5", "LR_conv", "conv2", "out_layers.3", "proj_out")
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+                gain = 0.3 if name.endswith(damped) else 1.0
+                std = gain * (2.0 / mod.weight[0].numel()) ** 0.5
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.05)
+        getattr(model, "first_stage_model", model).decoder.last_layer.mul_(0.01)
+        if hasattr(model, "model_ema"):  # stage 2: EMA weights = these weights
+            shadow = dict(model.model_ema.named_buffers())
+            for name, p in model.model.named_parameters():
+                shadow[model.model_ema.m_name2s_name[name]].copy_(p)
+    return model.eval()

@@ -11,47 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from omegaconf import OmegaConf
 
 from data.synthetic import generate_scene
-from ldm.blocks import ContrastChannelAttention, channel_moments, pointwise
-from ldm.chain import Stage
 from ldm.gap import GAPDecoder
 from ldm.upsampler import ScaleAwareUpsampler
 from models.geometry import Geometry
-from models.memory import glibc_library
+from models.memory import glibc_library, render_bytes, stage_bytes
 from models.pipeline import RENDER_CONTEXT, Pipeline
-from models.scene_stats import SceneStatistics
-from models.stream import WORK, Nearest, Store, stream_chain
 from models.tiling import MIN_TILE
 from tests.conftest import ROOT, shared_path, tiny_config
+from tests.helpers import lively
 from utils.config import instantiate_from_config
 from utils.image_io import load_image, to_tensor01
 from utils.resample import axis_map, resize_window
-
-
-def lively(model, seed: int = 0):
-    """Random weights under which every part of LDCSR matters: He-scaled convolutions (the
-    zero-initialised UNet outputs included) with damped residual branches, so activations stay
-    O(1), eps ~ N(0, 1) and the upsampler adds ~0.2 of structure to the bicubic image. With
-    PyTorch's default init the upsampler's output is nearly constant and a random UNet outputs
-    zeros, which would hide any tiling error."""
-    g = torch.Generator().manual_seed(seed)
-    damped = ("c5", "LR_conv", "conv2", "out_layers.3", "proj_out")
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Conv2d, nn.Conv1d, nn.Linear)):
-                gain = 0.3 if name.endswith(damped) else 1.0
-                std = gain * (2.0 / mod.weight[0].numel()) ** 0.5
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
-                if mod.bias is not None:
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.05)
-        getattr(model, "first_stage_model", model).decoder.last_layer.mul_(0.01)
-        if hasattr(model, "model_ema"):  # stage 2: EMA weights = these weights
-            shadow = dict(model.model_ema.named_buffers())
-            for name, p in model.model.named_parameters():
-                shadow[model.model_ema.m_name2s_name[name]].copy_(p)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,100 +61,6 @@ def test_resize_window_equals_a_window_of_the_global_resize(mode, n_in, n_out):
     assert (out - full[..., slice(*rows), slice(*cols)]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="misses"):
         resize_window(x[..., a + 1 :, :], maps, (a + 1, 0))
-
-
-# ------------------------------------------------------------------------------- streaming
-def test_measured_statistics_are_the_whole_input_statistics_band_by_band():
-    """A chain with GroupNorm and the IMD channel attention streamed in bands of 3 rows (maps
-    in files): the whole map's statistics, and not those of a band."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32),
-                        ContrastChannelAttention(32), nn.Conv2d(32, 8, 3, padding=1))  # fmt: skip
-    x = torch.randn(2, 3, 40, 30) * torch.linspace(0.2, 3, 40)[:, None]  # non-stationary
-    chain = [Stage(net[0], 1), Stage(net[1:3]), Stage(net[3], 1)]
-    with torch.no_grad():
-        ref = net(x)
-        out = stream_chain(chain, [x], SceneStatistics([net]), 3 * WORK * 4 * 2 * 3 * 30, Store(0))
-        assert (out[0].whole() - ref).abs().max() < 1e-5
-        assert (net(x[..., :3, :]) - ref[..., :3, :]).abs().max() > 1e-2  # a band alone
-    assert "forward" not in net[1].__dict__  # the layers are restored
-
-
-def stream(net, chain, maps, band_bytes: int, limit: int) -> list[torch.Tensor]:
-    with torch.inference_mode():
-        stats = SceneStatistics([net])
-        return [m.whole() for m in stream_chain(chain, maps, stats, band_bytes, Store(limit))]
-
-
-@pytest.mark.parametrize("limit", [1 << 40, 0], ids=["in memory", "in files"])
-def test_each_streamed_network_equals_its_forward(model, limit):
-    """Condition encoder, UNet (skips, attention whole), decoder latent branch (h_k of every
-    level) and SR branch (FRU running fusion, channel attention) streamed in bands of a few
-    rows = their forward, within 1e-5."""
-    enc, unet = model.cond_stage_model, model.model.diffusion_model
-    ae = model.first_stage_model
-    g = torch.Generator().manual_seed(0)
-    image = torch.randn(1, 3, 128, 104, generator=g) * torch.linspace(0.2, 2, 104)
-    x = torch.randn(1, 8, 45, 38, generator=g)  # padded to 48 x 40 inside
-    z, lr = torch.randn(1, 4, 30, 26, generator=g), torch.rand(1, 3, 60, 52, generator=g) * 2 - 1
-    band = 40_000  # bytes: bands of 1 to a few rows
-    with torch.inference_mode():
-        t, scale, height = torch.tensor([2]), torch.tensor([4.0]), torch.tensor([360])
-        chain, padded = unet.stages(x, t, scale, height)
-        eps = stream(unet, chain, [padded], band, limit)[0][..., :45, :38]
-        assert (eps - unet(x, t, scale, height)).abs().max() < 1e-5
-        assert (stream(enc, enc.stages(), [image], band, limit)[0] - enc(image)).abs().max() < 1e-5
-        feats = ae.latent_features(z)
-        streamed = stream(ae, ae.latent_stages(), [z], band, limit)[:-1]
-        assert len(streamed) == len(feats) == 4
-        assert max((a - b).abs().max() for a, b in zip(streamed, feats)) < 1e-5
-        near = [F.interpolate(f, size=(60, 52)) for f in feats]
-        maps = [Nearest(f, (60, 52)) for f in feats[::-1]]
-        x_sr = stream(ae, ae.sr_stages(4.0), [*maps, lr], band, limit)[0]
-        assert (x_sr - ae.sr_branch(lr, near, 4.0)).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize(
-    "option",
-    [dict(fusion="add"), dict(refinement="none"), dict(use_sr_branch=False),
-     dict(use_latent=False)],
-    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
-)  # fmt: skip
-def test_streamed_sr_branch_of_each_decoder_ablation_equals_its_forward(option):
-    torch.manual_seed(0)
-    dec = GAPDecoder(32, 3, (1, 1), 1, 4, 3, (2, 2), **option).eval()
-    z, lr = torch.randn(1, 4, 12, 10), torch.rand(1, 3, 24, 20) * 2 - 1
-    with torch.inference_mode():
-        feats = dec.latent_features(z) if dec.use_latent else None
-        near = None if feats is None else [F.interpolate(f, size=(24, 20)) for f in feats]
-        maps = [] if feats is None else [Nearest(f, (24, 20)) for f in feats[::-1]]
-        x = stream(dec, dec.sr_stages(2.0, feats is not None), [*maps, lr], 20_000, 0)[0]
-        assert (x - dec.sr_branch(lr, near, 2.0)).abs().max() < 1e-5
-
-
-def test_streamed_stages_read_bands_within_the_band_budget(model):
-    """The working set of a streamed stage is bounded: every call of a (non-global) stage
-    reads bands of at most ~3x the rows the band budget allows (halo rows), never the whole
-    map; maps beyond the in-memory limit go to files."""
-    unet = model.model.diffusion_model
-    x, band = torch.randn(1, 8, 96, 80), 600_000
-    with torch.inference_mode():
-        chain, padded = unet.stages(x, torch.tensor([1]), torch.tensor([4.0]), torch.tensor([768]))
-    reads = []
-
-    def watched(stage):
-        def fn(*maps):
-            reads.append((stage.halo, sum(m.numel() * 4 for m in maps), maps[0].shape[-2]))
-            return stage.fn(*maps)
-
-        return stage._replace(fn=fn)
-
-    out = stream(unet, [watched(st) for st in chain], [padded], band, 1 << 20)[0]
-    assert out.shape == (1, 4, 96, 80)
-    streamed = [(b, rows) for halo, b, rows in reads if halo is not None]
-    assert max(b for b, _ in streamed) <= 3 * band / WORK
-    assert max(rows for _, rows in streamed) < 96 // 2  # never the whole map (96 rows)
-    assert len(streamed) > 10 * len(chain)
 
 
 # ---------------------------------------------------------------------------------- public path
@@ -286,24 +165,6 @@ def test_inference_branches_of_the_modules_equal_their_autograd_branches(model):
             assert (folded - pooled).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_channel_moments_and_pointwise_equal_the_plain_ops(channels_last):
-    x = torch.randn(2, 32, 9, 11) * 3 + 1
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.randn(16, 48, 1, 1), torch.randn(16)
-    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            m, v = channel_moments(x)
-            assert m.shape == v.shape == (2, 32, 1, 1)
-            assert (m - mean).abs().max() < 1e-5 and (v - var).abs().max() < 1e-4
-            for b in (bias, None):
-                out = pointwise(x, weight[:, 8:40], b)  # a slice of a larger 1x1 weight
-                assert (out - F.conv2d(x, weight[:, 8:40], b)).abs().max() < 1e-5
-                assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
-
-
 RETAINED_HEAP_CHECK = """
 import os
 import torch
@@ -360,7 +221,7 @@ def test_render_tiles_are_as_large_as_the_budget_allows(model):
     assert MIN_TILE <= sides[0] < sides[1] < 200 and sides[2] == 0  # 0: the whole output
     room = (240 << 20) // 2 - 4 * 6 * 800 * 800
     side = sides[1] + 2 * RENDER_CONTEXT
-    assert ae.render_bytes((side, side), (4 * side, 4 * side)) <= room
+    assert render_bytes(ae, (side, side), (4 * side, 4 * side)) <= room
     geo = Geometry((61, 47), (213, 188))  # x3.49 height, x4 width
     tiles = Pipeline(20).render_tiles(ae, geo, 1)
     cover = torch.zeros(213, 188)
@@ -397,7 +258,7 @@ def test_tiles_and_streamed_stages_give_the_untiled_result_at_any_budget(model, 
     lr = F.interpolate(hr, size=(48, 48), mode="bicubic", antialias=True).clamp(0, 1)
     ref = sr(model, lr, (192, 192), 5, tile=0)
     geo = Geometry((48, 48), (192, 192))
-    stages = model.stage_bytes(geo.lr, geo.out)
+    stages = stage_bytes(model, geo.lr, geo.out)
     for budget, whole in ((64 << 20, 4), (sorted(stages.values())[1] + (1 << 20), 2), (1 << 18, 0)):
         tiler = Pipeline(16, budget=budget)
         assert len(tiler.whole_stages(model, geo, 1)) == whole
@@ -423,7 +284,7 @@ def test_public_path_over_the_budget_streams_and_equals_the_untiled_run(model):
 
 def test_stages_run_whole_only_where_their_estimate_fits_the_budget(model):
     geo = Geometry((48, 48), (192, 192))
-    stages = model.stage_bytes(geo.lr, geo.out)
+    stages = stage_bytes(model, geo.lr, geo.out)
     assert set(stages) == {"condition", "unet", "latent", "sr"} and min(stages.values()) > 0
     held = 4 * 6 * 192 * 192  # result and blending totals
     cut_off = sorted(stages.values())[1] + held  # the two smallest estimates fit
@@ -503,16 +364,24 @@ def test_latent_resize_refuses_unknown_modes():
         GAPDecoder(32, 3, (1, 1), 1, 4, 3, (2, 2), latent_resize="bilinear")
 
 
-def test_latent_resize_nearest_exact_streams_and_tiles_as_the_untiled_run():
+@pytest.mark.parametrize("overlay", [None, "demo_second_stage.yaml"], ids=["8x", "demo, 4x"])
+def test_latent_resize_nearest_exact_streams_and_tiles_as_the_untiled_run(model, overlay):
     """With `latent_resize: nearest-exact` (at LR / latent = 40 / 15, where it differs from the
-    legacy rule) stage 1's `reconstruct` and stage 2's `super_resolve`, tiled or streamed under
-    a tiny `max_memory`, give the untiled result, and that the modules' plain forward (the
-    decoder's own resize)."""
+    legacy rule; and in the demo's overlay, with a 4x latent: 40 / 30) stage 1's `reconstruct`
+    and stage 2's `super_resolve`, tiled or streamed under a tiny `max_memory`, give the
+    untiled result, and that the modules' plain forward (the decoder's own resize)."""
     key = "model.params.first_stage_config.params.decoder_config.params.latent_resize"
+    config = tiny_config(2, f"{key}=nearest-exact")
+    if overlay:
+        config = OmegaConf.merge(config, OmegaConf.load(ROOT / "configs" / "tiny" / overlay))
     torch.manual_seed(0)
-    model = lively(instantiate_from_config(tiny_config(2, f"{key}=nearest-exact").model))
-    ae = model.first_stage_model
+    model4 = lively(instantiate_from_config(config.model))
+    ae, factor = model4.first_stage_model, 4 if overlay else 8
     assert ae.latent_resize == "nearest-exact"
+    assert model4.cond_stage_model.downsampling() == ae.encoder.downsampling() == factor
+    unet = [stage_bytes(m, (40, 36), (120, 108))["unet"] for m in (model4, model)]
+    assert (unet[0] > 2 * unet[1]) == (factor == 4)  # the estimates follow the latent's size
+    model = model4
     lr, out_size, hr = torch.rand(1, 3, 40, 36), (120, 108), torch.rand(1, 3, 120, 108)
     small = dict(max_memory=4 / 1024)  # 4 MiB
     untiled = sr(model, lr, out_size, 1, tile=0)
