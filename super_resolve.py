@@ -68,6 +68,7 @@ import torch
 
 from models import load_sr_model
 from models.geometry import check_output_size
+from models.ldcsr import check_temperature
 from models.memory import memory_budget
 from models.pipeline import PRECISIONS
 from models.tiling import check_tile
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     block_help += f"whole scene if its output fits --max-memory, else {BLOCK}"
     add("--block", type=int, default=None, help=block_help)
     add("--seed", type=int, default=0, help="seed of the diffusion noise (CPU generator)")
+    temperature_help = "scale of the sampler's step noises in [0, 1] (1: the authors' sampler)"
+    add("--temperature", type=float, default=None, help=temperature_help + "; default: the model's")
     add(
         "--samples",
         type=int,
@@ -343,6 +346,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--tile: {err}") from None
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: use 1 (no uncertainty map) or N >= 2")
+    if args.temperature is not None:
+        try:
+            check_temperature(args.temperature)
+        except ValueError as err:
+            raise UsageError(f"--temperature {err}") from None
     if args.block is not None and args.block < 2 * OVERLAP:
         raise UsageError(f"--block {args.block}: use >= {2 * OVERLAP} LR pixels (2 x overlap)")
     if "/" in args.suffix or "\\" in args.suffix:
@@ -370,6 +378,8 @@ def run(args: argparse.Namespace) -> int:
         precision = "bf16" if device.type == "cuda" else "fp32"
     with checkpoint_load_errors(args.checkpoint):
         model = load_sr_model(args.checkpoint, args.config, map_location=device)
+    if args.temperature is not None:
+        model.sampling_temperature = args.temperature
     args.tiling = dict(
         max_memory=args.max_memory, tile=args.tile,
         precision=precision, progress=not args.no_progress,

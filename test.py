@@ -98,6 +98,7 @@ from evaluation.scoring import DEFAULT_PROTOCOL, PROTOCOLS
 from evaluation.sr_folders import check_sr_dirs, parse_sr_dirs, scale_folder
 from evaluation.tables import write_summary
 from models import load_first_stage_model, load_sr_model
+from models.ldcsr import check_temperature
 from models.tiling import check_tile
 from utils.cli import HelpFormatter, checkpoint_load_errors, memory_size
 from utils.config import ConfigError
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--first-stage", action="store_true", help="evaluate stage-1 reconstructions (needs HR)")
     add("--sr-kd", action="store_true", help="also evaluate the decode of the condition alone")
     add("--seed", type=int, default=0, help="batch b samples with seed + b")
+    temperature_help = "scale of the sampler's step noises in [0, 1] (1: the authors' sampler)"
+    add("--temperature", type=float, default=None, help=temperature_help + "; default: the model's")
     add(
         "--samples",
         type=int,
@@ -180,7 +183,10 @@ def load_model(args: argparse.Namespace, device: torch.device):
     """The stage-2 LDCSR, or the stage-1 autoencoder with --first-stage, in eval mode."""
     load = load_first_stage_model if args.first_stage else load_sr_model
     with checkpoint_load_errors(args.checkpoint):
-        return load(args.checkpoint, args.config, map_location=device)
+        model = load(args.checkpoint, args.config, map_location=device)
+    if args.temperature is not None:
+        model.sampling_temperature = args.temperature
+    return model
 
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
@@ -191,6 +197,13 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
         parser.error(str(err))
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.temperature is not None:
+        try:
+            check_temperature(args.temperature)
+        except ValueError as err:
+            parser.error(f"--temperature {err}")
+        if args.first_stage:
+            parser.error("--temperature is a stage-2 (LDCSR) setting; drop it with --first-stage")
     if args.samples < 1 or args.samples > 1 and args.first_stage:
         parser.error(f"--samples {args.samples}: 1, or N >= 2 for a stage-2 (LDCSR) model")
     try:

@@ -177,6 +177,7 @@ class GaussianDiffusion(nn.Module):
         noises=None,
         generator=None,
         shape=None,
+        temperature: float = 1.0,
     ):
         """Run the reverse chain t = T-1, ..., 0 from x_T; differentiable (no ``no_grad`` inside).
 
@@ -192,6 +193,8 @@ class GaussianDiffusion(nn.Module):
             noises: [T, B, C, h, w] step noises, ``noises[i]`` for t = T-1-i.
             generator: optional CPU ``torch.Generator``.
             shape: (B, C, h, w) when ``x_T`` is None.
+            temperature: factor on each step noise (1: DDPM's ancestral sampler); x_T and the
+                draws themselves are unchanged.
 
         Returns:
             x_0 [B, C, h, w].
@@ -212,5 +215,7 @@ class GaussianDiffusion(nn.Module):
                 noise = _randn(x.shape, generator, x.device, x.dtype)
             else:
                 noise = noises[i]
-            x = self.p_sample(denoise_fn, x, cond, t, noise)
+            x = self.p_sample(
+                denoise_fn, x, cond, t, noise if temperature == 1 else noise * temperature
+            )
         return x

@@ -20,7 +20,7 @@ from ldm.ema import LitEma
 from models.autoencoder import save_validation_grid
 from models.geometry import Geometry, check_output_size
 from models.guard import NonFiniteLossGuard
-from models.memory import estimate_peak
+from models.memory import peak_bytes
 from models.pipeline import run
 from models.uncertainty import sample_spread
 from utils.checkpoint import load_weights
@@ -36,6 +36,59 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = unet
 
 
+def check_temperature(value: float) -> float:
+    """`value` as a float if it is a valid `LDCSR.sampling_temperature`, else ValueError."""
+    if not 0 <= float(value) <= 1:
+        raise ValueError(
+            f"must be in [0, 1] (1: the authors' sampler, 0.5: the demo's), got {value}"
+        )
+    return float(value)
+
+
+def check_options(sampling_temperature: float, scale_by_std_input: str) -> None:
+    """Raises ConfigError unless `sampling_temperature` is valid (`check_temperature`) and
+    `scale_by_std_input` is "hr_hr" or "hr_lr"."""
+    try:
+        check_temperature(sampling_temperature)
+    except ValueError as err:
+        raise ConfigError(f"model.params.sampling_temperature: {err}") from None
+    if scale_by_std_input not in ("hr_hr", "hr_lr"):
+        raise ConfigError(
+            f"scale_by_std_input must be 'hr_hr' (the authors') or 'hr_lr', "
+            f"got {scale_by_std_input!r}"
+        )
+
+
+def frozen_first_stage(config: Mapping) -> tuple[nn.Module, str | None]:
+    """The stage-1 `AutoencoderKL` of `config` (LDCSR's `first_stage_config`, `{target,
+    params}`), in eval mode and without gradients, initialised from its `params.ckpt_path` when
+    that is set (not None, "" or "???"; the loss's weights are not loaded) -> (the model, that
+    path or None)."""
+    params = dict(config.get("params") or {})
+    ckpt = params.pop("ckpt_path", None)
+    ckpt = None if ckpt in (None, "", "???") else ckpt
+    model = instantiate_from_config({"target": config["target"], "params": params})
+    if ckpt:
+        load_weights(model, ckpt, ignore_prefixes=("loss.",))
+    model.eval().requires_grad_(False)
+    return model, ckpt
+
+
+def latent_scale(first_stage: nn.Module, batch: Mapping, encoder_input: str) -> torch.Tensor:
+    """The `scale_by_std` estimate 1 / std(z), a scalar tensor: z a posterior sample of the
+    frozen `first_stage` on the dataset `batch` (hr [B, 3, H, W], lr [B, 3, h, w] in [0, 1]),
+    encode(hr, hr) for `encoder_input` "hr_hr" (the authors') or encode(hr, lr) for "hr_lr".
+    Under torch.distributed every rank gets rank 0's estimate."""
+    hr, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
+    second = hr if encoder_input == "hr_hr" else lr  # bicubic_up(hr) is hr itself
+    with torch.no_grad():
+        z = first_stage.encode(hr, second).sample()
+    std = z.flatten().std()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(std, src=0)  # one scale_factor on every rank
+    return 1.0 / std
+
+
 class LDCSR(pl.LightningModule):
     """Frozen stage 1 + trainable condition encoder + UNet denoiser + DDPM chain + EMA.
 
@@ -49,6 +102,10 @@ class LDCSR(pl.LightningModule):
         cond_stage_config: `{target, params}` of the condition encoder (GAP encoder, in 3).
         unet_config: `{target, params}` of the UNet.
         timesteps, linear_start, linear_end: the schedule (T = 4, 0.1 -> 0.99, linear in sqrt).
+        sampling_temperature: factor on the ancestral step noises when sampling in eval mode
+            (inference and validation; training's unrolled chain always uses 1). 1 is the
+            authors' sampler; below 1 (our option) trades generated detail for fidelity, 0
+            keeps only x_T random.
         scale_by_std: set `scale_factor = 1 / std(z)` on the first batch of a fresh run, z a
             posterior sample of the frozen first stage.
         scale_by_std_input: the encoder inputs of that estimate. "hr_hr" (the authors'; the
@@ -70,6 +127,7 @@ class LDCSR(pl.LightningModule):
         timesteps: int = 4,
         linear_start: float = 0.1,
         linear_end: float = 0.99,
+        sampling_temperature: float = 1.0,
         scale_by_std: bool = True,
         scale_factor: float = 1.0,
         scale_by_std_input: str = "hr_hr",
@@ -83,30 +141,19 @@ class LDCSR(pl.LightningModule):
             to_plain, (first_stage_config, cond_stage_config, unet_config)
         )
         self.save_hyperparameters()
-        fs_params = dict(first_stage_config.get("params") or {})
-        fs_ckpt = fs_params.pop("ckpt_path", None)
-        self.first_stage_ckpt = None if fs_ckpt in (None, "", "???") else fs_ckpt
         # Names `first_stage_model`, `cond_stage_model`, `model.diffusion_model`, `model_ema`,
         # `scale_factor` and the schedule buffers are the authors' checkpoint keys.
-        self.first_stage_model = instantiate_from_config(
-            {"target": first_stage_config["target"], "params": fs_params}
-        )
-        if self.first_stage_ckpt:
-            load_weights(self.first_stage_model, self.first_stage_ckpt, ignore_prefixes=("loss.",))
-        self.first_stage_model.eval().requires_grad_(False)
+        self.first_stage_model, self.first_stage_ckpt = frozen_first_stage(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))
         self.model_ema = LitEma(self.model, decay=ema_decay)
         self.diffusion = GaussianDiffusion(timesteps, linear_start, linear_end)
+        check_options(sampling_temperature, scale_by_std_input)
+        self.sampling_temperature = float(sampling_temperature)
         for name, buf in self.diffusion.named_buffers():  # persistent copies: authors' keys
             self.register_buffer(name, buf.clone())
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self.scale_by_std = scale_by_std
-        if scale_by_std_input not in ("hr_hr", "hr_lr"):
-            raise ConfigError(
-                f"scale_by_std_input must be 'hr_hr' (the authors') or 'hr_lr', "
-                f"got {scale_by_std_input!r}"
-            )
         self.scale_by_std_input = scale_by_std_input
         self.l_kd_weight = l_kd_weight
         self.guard = NonFiniteLossGuard(max_skipped_batches)
@@ -129,10 +176,10 @@ class LDCSR(pl.LightningModule):
         """LR batch [B, 3, h, w] in [0, 1] -> SR batch [B, 3, *out_size] in [0, 1] (float32).
 
         Runs the stages through `models.pipeline` (the networks' inference-mode forwards):
-        untiled when the estimated activation memory (`peak_bytes`) fits `max_memory` GB, else
-        tiled with one noise field and shared normalisation statistics for the whole scene.
-        `generator` (a CPU `torch.Generator`) makes the result identical on CPU and GPU, tiled
-        or not.
+        untiled when the estimated activation memory (`models.memory.peak_bytes`) fits
+        `max_memory` GB, else tiled with one noise field and shared normalisation statistics for
+        the whole scene. `generator` (a CPU `torch.Generator`) makes the result identical on CPU
+        and GPU, tiled or not.
 
         Args:
             lr: LR images in [0, 1].
@@ -155,7 +202,7 @@ class LDCSR(pl.LightningModule):
         geo = Geometry.of(lr.shape[-2:], out_size, window)
         stages = lambda p: p.super_resolve(self, lr, geo, generator).add_(1).div_(2)  # noqa: E731
         with self.ema_scope(use_ema):
-            return run(stages, self.peak_bytes(geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
+            return run(stages, peak_bytes(self, geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
 
     @torch.no_grad()
     def super_resolve_condition(
@@ -167,7 +214,7 @@ class LDCSR(pl.LightningModule):
         lr = lr.contiguous() * 2 - 1
         geo = Geometry.of(lr.shape[-2:], out_size)
         stages = lambda p: p.decode_condition(self, lr, geo).add_(1).div_(2)  # noqa: E731
-        return run(stages, self.peak_bytes(geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
+        return run(stages, peak_bytes(self, geo.lr, geo.out, lr.shape[0]), geo, lr, **tiling)
 
     def super_resolve_samples(self, lr, out_size, seeds: Sequence[int], **options):
         """`super_resolve` once per seed -> (the sample of `seeds[0]` [B, 3, *out_size], the
@@ -185,13 +232,13 @@ class LDCSR(pl.LightningModule):
     # ---------------------------------------------------------------------- inference stages
     def encode_condition(self, lr: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         """lr [B, 3, h, w] in [-1, 1] -> condition c = CondEncoder(bicubic_up(lr, out_size)),
-        [B, C, H/8, W/8]."""
+        [B, C, H/f, W/f] (f = 8 in the paper)."""
         lr_up = F.interpolate(lr, size=tuple(out_size), mode="bicubic", align_corners=False)
         return self.encode_upsampled(lr_up)
 
     def encode_upsampled(self, lr_up: torch.Tensor) -> torch.Tensor:
         """The condition encoder on bicubic_up(lr) or a crop of it: [B, 3, H, W] in [-1, 1] ->
-        [B, C, H/8, W/8]."""
+        [B, C, H/f, W/f]."""
         return self.cond_stage_model(lr_up)
 
     def condition_stages(self) -> list:
@@ -236,8 +283,13 @@ class LDCSR(pl.LightningModule):
 
     def sample(self, denoise, x_T: torch.Tensor, cond, noises=None, generator=None):
         """The T-step reverse chain from x_T [B, C, h_z, w_z] with `denoise(x_t, cond, t)` ->
-        z0 [B, C, h_z, w_z] (scaled latent space); differentiable."""
-        return self.diffusion.sample(denoise, x_T, cond, noises, generator, cond.shape)
+        z0 [B, C, h_z, w_z] (scaled latent space); differentiable. In eval mode the step
+        noises are scaled by `sampling_temperature` (drawn as usual, so the generator's
+        stream and x_T do not depend on it)."""
+        temperature = 1.0 if self.training else self.sampling_temperature
+        return self.diffusion.sample(
+            denoise, x_T, cond, noises, generator, cond.shape, temperature=temperature
+        )
 
     def sample_latent(self, lr, out_size, generator=None, x_T=None, noises=None, cond=None):
         """Runs the T-step chain for `lr` [B, 3, h, w] in [-1, 1] -> z0 (scaled latent space)."""
@@ -258,24 +310,6 @@ class LDCSR(pl.LightningModule):
         """Smallest output side: that of a 2-px condition (`GAPEncoder.min_input_side`)."""
         return self.cond_stage_model.min_input_side()
 
-    def peak_bytes(self, lr_size: Sequence[int], out_size: Sequence[int], batch: int = 1) -> int:
-        """Rough peak activation memory of an untiled `super_resolve`, from this model's widths:
-        the larger of the condition encoder's and the decoder's, plus a few output images."""
-        cond = self.cond_stage_model.peak_elements(out_size, batch)
-        decoder = self.first_stage_model.decode_elements(lr_size, out_size, batch)
-        return estimate_peak((cond, decoder), out_size, batch)
-
-    def stage_bytes(self, lr_size, out_size, batch: int = 1) -> dict[str, int]:
-        """Rough activation memory of each whole-scene stage whose normalisation statistics span
-        the scene (the pipeline runs those that fit its budget whole): "condition", "unet",
-        "latent" (the decoder's latent branch), "sr" (the decoder's SR branch)."""
-        latent = (int(out_size[0]) // 8, int(out_size[1]) // 8)
-        return {
-            **self.first_stage_model.stage_bytes(lr_size, out_size, batch),  # "latent", "sr"
-            "condition": 4 * self.cond_stage_model.peak_elements(out_size, batch),
-            "unet": 4 * self.model.diffusion_model.peak_elements(latent, batch),
-        }
-
     # ------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
         if self.first_stage_ckpt is None and self.trainer.ckpt_path is None:
@@ -285,19 +319,13 @@ class LDCSR(pl.LightningModule):
             )
 
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
-        """`scale_by_std` on the first batch of a fresh run: `scale_factor = 1 / std(z)`, with z
-        a posterior sample of encode(hr, hr) (the authors') or encode(hr, lr) (`hr_lr`)."""
+        """`scale_by_std` on the first batch of a fresh run: `scale_factor = 1 / std(z)`
+        (`latent_scale`)."""
         resumed = self._trainer is not None and self.trainer.ckpt_path is not None
         if not (self.scale_by_std and self.global_step == 0 and not resumed and batch_idx == 0):
             return
-        hr, lr = batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
-        second = hr if self.scale_by_std_input == "hr_hr" else lr  # bicubic_up(hr) is hr itself
-        with torch.no_grad():
-            z = self.first_stage_model.encode(hr, second).sample()
-        std = z.flatten().std()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(std, src=0)  # one scale_factor on every rank
-        self.scale_factor.copy_(1.0 / std)
+        scale = latent_scale(self.first_stage_model, batch, self.scale_by_std_input)
+        self.scale_factor.copy_(scale)
         if self._trainer is not None:
             self.log("train/scale_factor", self.scale_factor, rank_zero_only=True)
 

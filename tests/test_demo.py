@@ -52,6 +52,15 @@ def test_demo_trains_evaluates_and_draws_the_figure(demo_run):
     assert len(hf) == 4 and all(0 < v < 10 for v in hf)  # high-frequency energy over the HR's
 
 
+def test_quick_and_long_settings_fill_the_budgets_that_no_flag_gives():
+    quick = demo.parse_args([])
+    assert (quick.stage1_minutes, quick.stage2_minutes) == (5.0, 3.0)
+    assert quick.stage1_steps is None and quick.stage2_steps is None
+    long = demo.parse_args(["--long", "--stage2-steps", "10"])
+    assert (long.stage1_steps, long.stage2_steps) == (demo.LONG["stage1_steps"], 10)
+    assert (long.stage1_minutes, long.stage2_minutes) == (60.0, 60.0)
+
+
 def test_rerun_reuses_the_trained_stages(demo_run, caplog):
     ckpts = {s: demo_run / s / "checkpoints" / "last.ckpt" for s in ("stage1", "stage2")}
     before = {s: p.stat().st_mtime_ns for s, p in ckpts.items()}

@@ -98,6 +98,24 @@ def test_q_posterior_and_last_step_is_noiseless():
     assert torch.allclose(a, d.predict_x0(x_t, 0, fn(x_t, cond, torch.zeros(2).long())))
 
 
+def test_temperature_scales_the_step_noises_only():
+    """`temperature` (our option, behind `LDCSR.sampling_temperature`): the chain with step
+    noises n at temperature tau is the chain with noises tau * n; x_T and the generator's draws
+    are unchanged, and at 0 the step noises have no effect."""
+    d = GaussianDiffusion()
+    fn, _ = _toy_denoiser()
+    shape, cond = (2, 4, 5, 6), torch.randn(2, 4, 5, 6)
+    x_T, noises = draw_noise(shape, 4, torch.Generator().manual_seed(3))
+    half = d.sample(fn, x_T, cond, noises, temperature=0.5)
+    assert torch.allclose(half, d.sample(fn, x_T, cond, noises * 0.5), atol=1e-6)
+    assert (half - d.sample(fn, x_T, cond, noises)).abs().max() > 1e-3
+    drawn = d.sample(fn, None, cond, generator=torch.Generator().manual_seed(3), shape=shape,
+                     temperature=0.5)  # fmt: skip
+    assert torch.equal(drawn, half)
+    cold = [d.sample(fn, x_T, cond, n, temperature=0.0) for n in (noises, torch.randn_like(noises))]
+    assert torch.equal(cold[0], cold[1])
+
+
 def test_generator_draw_order_equals_explicit_noise():
     d = GaussianDiffusion()
     fn, _ = _toy_denoiser()

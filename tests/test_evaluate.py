@@ -152,6 +152,13 @@ def test_bad_inputs_give_clear_messages(tiny_sr_checkpoint, data_root, tmp_path,
         assert exit_info.value.code == 2 and "is not a number > 0" in capsys.readouterr().err
     with pytest.raises(EvaluationError, match="is not a number"):
         parse_scales(["2,x"])
+    for bad, message in (
+        (["--temperature", "2"], "--temperature must be in [0, 1]"),
+        (["--temperature", "0.5", "--first-stage"], "stage-2 (LDCSR) setting"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            _run(tiny_sr_checkpoint, data_root, tmp_path / "out", *bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     bare = tmp_path / "bare.ckpt"  # no config inside, no <run>/configs beside it
     state = torch.load(tiny_sr_checkpoint, weights_only=False)["state_dict"]
     torch.save({"state_dict": state}, bare)

@@ -44,6 +44,25 @@ def test_stage1_block_of_stage2_config_matches_stage1_config():
         assert inner[key] == stage1[key], key
 
 
+@pytest.mark.parametrize("overlay", [None, "demo_"], ids=["tiny", "tiny+demo"])
+def test_stage1_block_of_tiny_stage2_config_matches_tiny_stage1_config(overlay):
+    """The tiny stage-2 config repeats the tiny stage-1 model (and the demo's overlays repeat
+    their stage-1 changes), so that stage 2 builds the autoencoder its checkpoint came from; the
+    condition encoder downsamples as far as the stage-1 encoder, to the latent's size."""
+    folder = ROOT / "configs" / "tiny"
+
+    def load(name):
+        names = [name] + ([f"{overlay}{name}"] if overlay else [])
+        return OmegaConf.merge(*(OmegaConf.load(folder / n) for n in names)).model.params
+
+    stage1, stage2 = load("first_stage.yaml"), load("second_stage.yaml")
+    inner = stage2.first_stage_config.params
+    for key in ("embed_dim", "encoder_config", "decoder_config"):
+        assert inner[key] == stage1[key], key
+    encoder_mult = stage1.encoder_config.params.ch_mult
+    assert len(stage2.cond_stage_config.params.ch_mult) == len(encoder_mult)
+
+
 @pytest.fixture(scope="module")
 def authors_ckpt(tmp_path_factory, conformance):
     """A checkpoint file in the authors' format (Lightning 1.x dict) + their YAML."""
@@ -212,6 +231,30 @@ def test_paper_scale_factor_is_one_over_std_of_an_hr_hr_posterior_sample(monkeyp
         instantiate_from_config(
             _paper("second_stage_van_v4.yaml", "model.params.scale_by_std_input=hr").model
         )
+
+
+def test_sampling_temperature_applies_in_eval_mode_only():
+    """Our option (docs/departures.md): 1 by default, as the authors' sampler; in eval mode
+    (inference, validation) the step noises are scaled, in training's unrolled chain never; a
+    value outside [0, 1] is a config error naming the key."""
+    assert instantiate_from_config(tiny_config(2).model).sampling_temperature == 1.0
+    torch.manual_seed(0)
+    model = instantiate_from_config(tiny_config(2, "model.params.sampling_temperature=0.5").model)
+    x_T, noises = model.draw_noise((1, 4, 6, 6), torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 4, 6, 6)
+
+    def denoise(x, c, t):
+        return 0.3 * x + 0.2 * c  # any eps function will do
+
+    chain = model.diffusion.sample
+    model.eval()
+    assert torch.equal(
+        model.sample(denoise, x_T, cond, noises), chain(denoise, x_T, cond, noises * 0.5)
+    )
+    model.train()
+    assert torch.equal(model.sample(denoise, x_T, cond, noises), chain(denoise, x_T, cond, noises))
+    with pytest.raises(ConfigError, match="model.params.sampling_temperature: must be in"):
+        instantiate_from_config(tiny_config(2, "model.params.sampling_temperature=1.5").model)
 
 
 def test_posterior_logvar_init_sets_only_the_log_variance_bias():

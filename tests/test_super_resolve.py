@@ -13,7 +13,9 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 import super_resolve
+from models import load_sr_model
 from scenes.scene_io import read_scene
+from utils.image_io import load_image, to_tensor01
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,6 +81,25 @@ def test_seeded_output_and_sizes(tiny_sr_checkpoint, images, tmp_path):
     assert diff.max() <= 1  # tiled = untiled to 1 level (docs/results.md)
 
 
+def test_temperature_flag_sets_the_models_sampling_temperature(
+    tiny_sr_checkpoint, images, tmp_path
+):
+    """`--temperature 0.5` gives the Python API's output with `sampling_temperature = 0.5`,
+    which differs from the checkpoint's own (1)."""
+    src, out, default = images / "rgb.png", tmp_path / "half", tmp_path / "default"
+    common = ["--checkpoint", tiny_sr_checkpoint, "--scale", "2", "--seed", "3", "--no-progress"]
+    assert run(src, *common, "-o", out, "--temperature", "0.5") == 0
+    assert run(src, *common, "-o", default) == 0
+    model = load_sr_model(tiny_sr_checkpoint)
+    model.sampling_temperature = 0.5
+    lr = to_tensor01(load_image(src)).unsqueeze(0)
+    sr = model.super_resolve(lr, (40, 48), generator=torch.Generator().manual_seed(3))
+    expected = (sr[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    got = np.asarray(Image.open(out / "rgb.png"), dtype=int)
+    assert np.abs(got - expected).max() <= 1
+    assert (got != np.asarray(Image.open(default / "rgb.png"))).any()
+
+
 def test_never_overwrites_without_flag(tiny_sr_checkpoint, images, tmp_path):
     src, out = images / "rgb.png", tmp_path / "out"
     out.mkdir()
@@ -104,6 +125,7 @@ def test_never_overwrites_without_flag(tiny_sr_checkpoint, images, tmp_path):
         (["--size", "3x5"], ">= 8"),
         (["--tile", "8"], "below the minimum"),
         (["--tile", "-1"], "below the minimum"),
+        (["--temperature", "1.5"], "--temperature must be in [0, 1]"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(
