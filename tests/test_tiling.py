@@ -26,14 +26,7 @@ from utils.config import instantiate_from_config
 from utils.image_io import load_image, to_tensor01
 from utils.resample import axis_map, resize_window
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP synchronisation (slow on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors
 
 
 @pytest.fixture(scope="module")
